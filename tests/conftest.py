@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny image folders, a throw-away tracking store and feature cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A noisy picture whose class is visible: colour and shape differ per class."""
+    image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    if kind == "circle":
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+        image[mask] = (220, 40, 40)
+    elif kind == "square":
+        image[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = (40, 220, 40)
+    else:
+        image[(xx // 4) % 2 == 0] = (40, 40, 220)
+    return image
+
+
+def make_image_folder(root: Path, train_per_class: int = 12, test_per_class: int = 4, size: int = 32,
+                      classes=CLASSES, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for kind in classes:
+            folder = root / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(draw(kind, rng, size)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store and feature cache; cwd in tmp so ./mlruns lands there too."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

@@ -1,0 +1,167 @@
+"""Every variant end to end: the CLI, the run in MLflow, the reports, the logged model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tlkit import data, spec as specs
+from tlkit.cli import main
+from tlkit.train import train
+
+from conftest import REPO
+
+FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def only_run(experiment: str = "Default"):
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.variant != ''",
+                              output_format="list")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def pyfunc_accuracy(model_uri: str, dataset) -> tuple[float, list[str]]:
+    predictions = mlflow.pyfunc.load_model(model_uri).predict(dataset.x_test)
+    truth = [dataset.class_names[i] for i in dataset.y_test.argmax(axis=1)]
+    labels = list(predictions["label"])
+    return float(np.mean([p == t for p, t in zip(labels, truth)])), labels
+
+
+@pytest.mark.parametrize("variant", specs.variant_names())
+def test_every_variant_through_the_cli(variant, image_folder, tracking):
+    result = cli("train", variant, "--data", str(image_folder), *FAST)
+    assert result.exit_code == 0, result.output
+    run = only_run()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == variant
+    assert run.data.tags["base"] == "VGG16"
+    assert run.data.tags["dataset"] == image_folder.name
+    assert len(run.data.tags["dataset_digest"]) == 64
+    metrics = run.data.metrics
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert {"test_precision_circle", "test_recall_square", "test_f1_stripes"} <= set(metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports")}
+    assert artifacts == {"reports/confusion_matrix.png", "reports/classification_report.json",
+                         "reports/training_curves.png"}
+    assert run.data.params["epochs"] == "2"
+    # Autologging recorded the per-epoch curves of the fit that ran in this run (or its stages).
+    client = mlflow.MlflowClient()
+    stage_runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                    output_format="list")
+    fitted = stage_runs if variant == "finetune" else [run]
+    for r in fitted:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "val_loss")) >= 1
+    if variant == "finetune":
+        assert sorted(r.data.tags["stage"] for r in stage_runs) == ["finetune", "head"]
+    # The logged model takes raw pixels and scores exactly what the run logged.
+    dataset = data.load(str(image_folder), seed=1995)
+    accuracy, _ = pyfunc_accuracy(f"runs:/{run.info.run_id}/model", dataset)
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, tracking):
+    spec = specs.load("conv_head", {"data": str(image_folder), "weights": "none", "epochs": 2})
+    result = train("conv_head", spec)
+    dataset = data.load(str(image_folder), seed=spec["seed"])
+    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
+    assert labels == [dataset.class_names[i] for i in result.test_predictions]
+    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    # Any size and grayscale work too: the pyfunc resizes and adds channels.
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    big_gray = np.random.default_rng(0).integers(0, 255, (2, 50, 70, 1)).astype(np.uint8)
+    out = model.predict(big_gray)
+    assert list(out.columns) == ["label", "probability", "probabilities"]
+    assert set(out["label"]) <= set(dataset.class_names)
+    assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
+
+
+def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(7)
+    donor = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16_notop.weights.h5"
+    donor.save_weights(path)
+    result = cli("train", "baseline", "--data", str(image_folder), "--weights", str(path), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    run = only_run()
+    assert run.data.tags["feature_cache_key"]
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "dl"))
+    logged = keras.saving.load_model(f"{local}/artifacts/model.keras", compile=False)
+    frozen = logged.get_layer("vgg16_frozen")
+    for name in ("block1_conv1", "block5_conv3"):
+        for got, want in zip(frozen.get_layer(name).get_weights(), donor.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
+    for _ in range(2):
+        assert cli("train", "baseline", "--data", str(image_folder), *FAST).exit_code == 0
+    runs = mlflow.search_runs(experiment_names=["Default"], order_by=["attributes.start_time ASC"],
+                              output_format="list")
+    assert [r.data.tags["feature_cache"] for r in runs] == ["miss", "hit"]
+    assert runs[0].data.tags["feature_cache_key"] == runs[1].data.tags["feature_cache_key"]
+    assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]
+
+
+def test_experiment_option(image_folder, tracking):
+    result = cli("train", "sgd", "--data", str(image_folder), *FAST, "--experiment", "mine")
+    assert result.exit_code == 0, result.output
+    assert only_run("mine").data.params["optimizer"] == "sgd"
+
+
+def test_mlflow_run_baseline(image_folder, tracking, tmp_path):
+    """The user's command: `mlflow run . -e baseline --env-manager local`."""
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local",
+               "-P", f"data={image_folder}", "-P", "weights=none", "-P", "epochs=1", "-P", "batch_size=8",
+               "--experiment-name", "projects"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = only_run("projects")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "baseline"
+    assert "test_accuracy" in run.data.metrics
+    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+
+
+def test_mlproject_is_generated_from_the_specs():
+    from tlkit import mlproject
+
+    assert (REPO / "MLproject").read_text() == mlproject.render(), "run: python -m tlkit.mlproject > MLproject"
+
+
+def test_help_is_fast_and_states_defaults():
+    done = subprocess.run([sys.executable, "-c", "import sys, tlkit.cli; "
+                           "sys.exit(int('tensorflow' in sys.modules or 'mlflow' in sys.modules))"])
+    assert done.returncode == 0, "tlkit.cli must not import TensorFlow or MLflow at import time"
+    out = cli("train", "--help").output
+    assert "baseline: 1995" in out and "baseline: 'VGG16'" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "nope"], "unknown variant 'nope'"),
+    (["train", "baseline", "--epochs", "0"], "epochs must be a positive integer"),
+    (["train", "baseline", "--learning-rate", "-1"], "learning_rate must be greater than 0"),
+    (["train", "dropout", "--dropout", "1.0"], "dropout must be in [0, 1)"),
+    (["train", "baseline", "--base", "VGG19"], "unknown base 'VGG19'"),
+    (["train", "baseline", "--image-size", "16"], "image_size 16 is too small for VGG16"),
+    (["train", "baseline", "--weights", "/no/such.h5"], "weights file /no/such.h5 does not exist"),
+    (["train", "baseline", "--data", "/no/such/folder", "--weights", "none"], "/no/such/folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tracking):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -1,0 +1,199 @@
+"""The network: a keras.applications base, a head from a small table, freezing and unfreezing.
+
+The network is built in three parts so that training can skip the frozen part:
+
+    raw pixels (0-255) -> preprocessing -> [augmentation] -> lower base  ==  `extractor`
+    features at the boundary -> upper base (unfrozen block, maybe none) -> head  ==  `trainable`
+    raw pixels -> extractor -> trainable  ==  `full`, the end-to-end model that is logged
+
+`full` shares its layers (and so its weights) with the two parts: training `trainable` on cached
+features trains `full`. The scaling that training used lives inside the model, so the logged model
+takes raw pixels and a user never has to reproduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    module: str  # keras.applications submodule: its constructor and preprocess_input
+    constructor: str
+    last_block: str  # layer-name prefix of the block that fine-tuning unfreezes by default
+    min_image_size: int = 32  # keras.applications refuses smaller inputs
+
+
+BASES = {
+    "VGG16": BaseInfo("vgg16", "VGG16", "block5"),
+    "ResNet50": BaseInfo("resnet50", "ResNet50", "conv5"),
+    "MobileNetV2": BaseInfo("mobilenet_v2", "MobileNetV2", "block_16"),
+    "EfficientNetB0": BaseInfo("efficientnet", "EfficientNetB0", "block7"),
+}
+
+
+class ModelError(ValueError):
+    """A base, weights file or unfreeze choice that does not fit: one line naming it."""
+
+
+def _dense_head(x, spec, num_classes):
+    from keras import layers, regularizers
+
+    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    regularizer = regularizers.l2(spec["l2"]) if spec["l2"] > 0 else None
+    x = layers.Dense(spec["units"], activation="relu", kernel_regularizer=regularizer, name="head_dense")(x)
+    if spec["dropout"] > 0:
+        x = layers.Dropout(spec["dropout"], name="head_dropout")(x)
+    return layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+
+
+def _conv_head(x, spec, num_classes):
+    from keras import layers
+
+    # The seed's "additional feature extraction": one more trainable conv block on the frozen maps.
+    x = layers.Conv2D(spec["conv_filters"], 3, padding="same", name="head_conv")(x)
+    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.ReLU(name="head_relu")(x)
+    return _dense_head(x, spec, num_classes)
+
+
+# Head kinds: a variant picks one by name and sets its knobs (units, l2, dropout, conv_filters).
+HEADS = {"dense": _dense_head, "conv": _conv_head}
+
+
+def load_base(name: str, weights: str, image_size: int):
+    """The base without its top, from keras.applications; weights 'imagenet', 'none' or a file."""
+    import keras
+
+    info = BASES[name]
+    constructor = getattr(getattr(keras.applications, info.module), info.constructor)
+    keras_weights = None if weights == "none" else weights
+    try:
+        # A file path goes to Keras' own weight loader (HDF5, no pickled code is executed).
+        return constructor(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
+    except (ValueError, OSError) as err:
+        if weights in ("imagenet", "none"):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"weights file {weights} does not fit {name} at {image_size}x{image_size}: {first_line}") from None
+
+
+def preprocessing_layer(base: str, preprocess: str):
+    """Raw pixels -> what the base is trained on, as one serialisable layer.
+
+    'unit' is the seed's x / 255. 'base' is the base's own keras.applications preprocess_input,
+    which for every supported base is an affine map per pixel (scale, channel swap, mean
+    subtraction): it is read off by applying preprocess_input to the unit vectors, and becomes a
+    frozen 3x3 Dense on the channel axis (or a Rescaling where it is a plain scale).
+    """
+    import keras
+    from keras import layers
+
+    if preprocess == "unit":
+        return layers.Rescaling(1.0 / 255, name="rescale")
+    module = getattr(keras.applications, BASES[base].module)
+    basis = np.vstack([np.zeros(3), np.eye(3)]).astype("float32").reshape(4, 1, 1, 3)
+    mapped = np.asarray(module.preprocess_input(basis.copy()), dtype="float32").reshape(4, 3)
+    offset, matrix = mapped[0], mapped[1:] - mapped[0]
+    scale = matrix[0, 0]
+    if np.allclose(matrix, scale * np.eye(3)) and np.allclose(offset, offset[0]):
+        return layers.Rescaling(float(scale), offset=float(offset[0]), name="rescale")
+    affine = layers.Dense(3, name="preprocess_affine", trainable=False)
+    affine.build((None, None, None, 3))
+    affine.set_weights([matrix, offset])
+    return affine
+
+
+def augmentation_layers():
+    from keras import layers
+
+    # Active in training only: Keras' random preprocessing layers are the identity at inference.
+    return [layers.RandomFlip("horizontal", name="augment_flip"),
+            layers.RandomTranslation(0.1, 0.1, name="augment_translate")]
+
+
+def boundary_layer(base_model, unfreeze: str) -> str:
+    """The last frozen layer: the base's output, or the layer just below the unfrozen block."""
+    if not unfreeze:
+        return base_model.layers[-1].name
+    names = [layer.name for layer in base_model.layers]
+    first = next((i for i, name in enumerate(names) if name.startswith(unfreeze)), None)
+    if first is None or first == 0:
+        blocks = sorted({n.split("_")[0] for n in names if "_" in n})
+        raise ModelError(f"unfreeze {unfreeze!r} names no block of {base_model.name}; its blocks: {', '.join(blocks)}")
+    return names[first - 1]
+
+
+@dataclass
+class Network:
+    full: object  # keras.Model: raw pixels -> class probabilities, what is logged
+    extractor: object  # keras.Model: raw pixels -> features at the boundary, always frozen
+    trainable: object  # keras.Model: features -> class probabilities
+    upper: object | None  # keras.Model: the base's block above the boundary, or None
+    boundary: str  # name of the base layer whose output the extractor returns
+
+
+def build(spec: dict, num_classes: int) -> Network:
+    import keras
+    from keras import layers
+
+    size = spec["image_size"]
+    base_model = load_base(spec["base"], spec["weights"], size)
+    boundary = boundary_layer(base_model, spec["unfreeze"])
+    cut = base_model.get_layer(boundary).output
+    lower = keras.Model(base_model.input, cut, name=f"{base_model.name}_frozen")
+    lower.trainable = False
+    upper = None
+    if boundary != base_model.layers[-1].name:
+        try:
+            upper = keras.Model(cut, base_model.output, name=f"{base_model.name}_{spec['unfreeze']}")
+        except ValueError:
+            raise ModelError(f"{spec['base']} cannot be cut below {spec['unfreeze']!r}: "
+                             "the block depends on layers under the cut") from None
+        upper.trainable = False  # the head trains first; fine-tuning unfreezes it
+
+    features = keras.Input(shape=tuple(cut.shape[1:]), name="features")
+    # training=False keeps BatchNorm layers of the base in inference mode, also once unfrozen.
+    x = upper(features, training=False) if upper is not None else features
+    head = HEADS[spec["head"]](x, spec, num_classes)
+    trainable = keras.Model(features, head, name="trainable")
+
+    pixels = keras.Input(shape=(size, size, 3), name="pixels")
+    x = preprocessing_layer(spec["base"], spec["preprocess"])(pixels)
+    extractor = keras.Model(pixels, lower(x, training=False), name="extractor")
+    if spec["augment"]:
+        for layer in augmentation_layers():
+            x = layer(x)
+    full = keras.Model(pixels, trainable(lower(x, training=False)), name="full")
+    return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary)
+
+
+def set_unfrozen(network: Network, unfrozen: bool) -> None:
+    """Unfreeze (or freeze) the block above the boundary; BatchNorm layers stay frozen."""
+    from keras import layers
+
+    if network.upper is None:
+        return
+    network.upper.trainable = unfrozen
+    for layer in network.upper.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts: printed after every freeze or unfreeze."""
+    import numpy as np
+
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
+    return trainable, frozen
+
+
+def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
+    import keras
+
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    return keras.optimizers.Adam(learning_rate=learning_rate)

@@ -1,0 +1,58 @@
+"""The logged model: raw images in, class names and probabilities out (an MLflow pyfunc).
+
+MLflow logs this file as code ("models from code"): nothing is pickled, and the model loads
+wherever tensorflow, mlflow and pillow are installed, without tlkit. It wraps the end-to-end Keras
+network (preprocessing inside), saved as `model.keras`, and the class names beside it.
+
+Input: a numpy array of raw pixels, (N, H, W, C) with C = 1 (grayscale), 3 (RGB) or 4 (RGBA),
+any H and W (resized to the network's size). Output: a DataFrame with `label`, `probability` and
+`probabilities` (one per class, in class order).
+"""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+def to_network_input(images: np.ndarray, size: int) -> np.ndarray:
+    """Batch of raw images -> float32 (N, size, size, 3) pixels in 0..255."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim == 3:  # (N, H, W): grayscale without a channel axis
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected images shaped (N, H, W, C) with C in 1, 3, 4; got {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    elif images.shape[-1] == 4:
+        images = images[..., :3]
+    if images.shape[1:3] != (size, size):
+        images = np.stack([np.asarray(Image.fromarray(np.clip(im, 0, 255).astype(np.uint8))
+                                      .resize((size, size), Image.BILINEAR)) for im in images])
+    return images.astype(np.float32)
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        import keras
+
+        self.network = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
+        with open(context.artifacts["class_names"]) as f:
+            self.class_names = json.load(f)
+        self.size = int(self.network.input_shape[1])
+
+    def predict(self, context, model_input, params=None):
+        pixels = to_network_input(model_input, self.size)
+        probabilities = self.network.predict(pixels, batch_size=64, verbose=0)
+        best = probabilities.argmax(axis=1)
+        return pd.DataFrame({
+            "label": [self.class_names[i] for i in best],
+            "probability": probabilities.max(axis=1).astype(float),
+            "probabilities": [row.astype(float).tolist() for row in probabilities],
+        })
+
+
+mlflow.models.set_model(ImageClassifier())

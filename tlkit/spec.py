@@ -1,0 +1,145 @@
+"""An experiment spec: every knob of a run as plain data.
+
+FIELDS holds every default, with the seed notebook's values (a frozen ImageNet VGG16, global
+average pooling, Dense 256 relu, softmax; Adam 1e-3; 10 epochs of batch 32; early stopping on
+val_loss with patience 3). A variant in experiments/NAME.toml lists only what it changes, and
+command-line overrides go on top. Unknown keys and values of the wrong type fail loudly.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+# name: (default, help). The defaults reproduce the seed's baseline.
+FIELDS: dict[str, tuple[object, str]] = {
+    # data
+    "data": ("cifar10", "'cifar10' (keras download), an image folder with train/ and test/, or an .npz file"),
+    "classes": ("all", "comma-separated class names to keep, in this order; 'all' keeps every class"),
+    "image_size": (32, "images are resized to this square size (pixels)"),
+    "limit": (0, "cap on training images, stratified; 0 = all"),
+    "test_limit": (0, "cap on test images, stratified; 0 = all"),
+    "seed": (1995, "random seed: validation split, sampling, weight initialisation"),
+    # model
+    "base": ("VGG16", "keras.applications base: VGG16, ResNet50, MobileNetV2, EfficientNetB0"),
+    "weights": ("imagenet", "'imagenet', 'none' (random), or a path to a weights file"),
+    "preprocess": ("unit", "'unit' scales pixels to [0, 1] (the seed); 'base' uses the base's own preprocessing"),
+    "head": ("dense", "head kind: 'dense' (pool, dense, softmax) or 'conv' (a conv block first)"),
+    "conv_filters": (512, "filters of the conv head's Conv2D 3x3"),
+    "units": (256, "units of the head's hidden Dense layer"),
+    "l2": (0.0, "L2 factor on the hidden Dense layer's kernel; 0 = none"),
+    "dropout": (0.0, "dropout rate after the hidden Dense layer, in [0, 1); 0 = none"),
+    "augment": (False, "random horizontal flip and translation in training (runs the whole network every epoch)"),
+    # optimisation
+    "optimizer": ("adam", "'adam' or 'sgd'"),
+    "learning_rate": (0.001, "learning rate of the head's training"),
+    "momentum": (0.0, "SGD momentum"),
+    "epochs": (10, "maximum epochs"),
+    "batch_size": (32, "images per step"),
+    "patience": (3, "early-stopping patience on val_loss, in epochs; 0 turns early stopping off"),
+    "restore_best_weights": (True, "early stopping restores the weights of the best val_loss epoch"),
+    # fine-tuning: a second stage after the head is trained
+    "unfreeze": ("", "layer-name prefix of the base block to unfreeze after the head is trained (VGG16: block5); '' = none"),
+    "finetune_epochs": (10, "maximum epochs of the fine-tuning stage"),
+    "finetune_learning_rate": (0.0001, "learning rate of the fine-tuning stage (10x lower than the head's)"),
+}
+
+DEFAULTS = {name: default for name, (default, _) in FIELDS.items()}
+
+
+class SpecError(ValueError):
+    """A spec or parameter that cannot run: the message names the key and what is wrong."""
+
+
+def variant_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def variant_path(variant: str) -> Path:
+    """A variant is a name in experiments/ or a path to a .toml file of the same form."""
+    if variant.endswith(".toml"):
+        path = Path(variant)
+        if not path.is_file():
+            raise SpecError(f"spec file {variant} does not exist")
+        return path
+    path = EXPERIMENTS_DIR / f"{variant}.toml"
+    if not path.is_file():
+        raise SpecError(f"unknown variant {variant!r}; choose one of {', '.join(variant_names())} or a .toml path")
+    return path
+
+
+def read_variant(variant: str) -> tuple[dict, str]:
+    """The variant file's own keys (a diff from the defaults) and its description."""
+    path = variant_path(variant)
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"spec file {path}: {err}") from None
+    description = table.pop("description", "")
+    return table, description
+
+
+def merge(overrides: dict, base: dict | None = None) -> dict:
+    """Return base (default: DEFAULTS) updated with overrides, checking names and types."""
+    spec = dict(DEFAULTS if base is None else base)
+    for key, value in overrides.items():
+        if key not in DEFAULTS:
+            raise SpecError(f"unknown spec key {key!r}")
+        want = type(DEFAULTS[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise SpecError(f"{key} must be {want.__name__}, got {value!r}")
+        spec[key] = value
+    return spec
+
+
+def load(variant: str, overrides: dict | None = None) -> dict:
+    """The full spec of a variant: defaults, then the variant's diff, then overrides."""
+    diff, _ = read_variant(variant)
+    spec = merge(diff)
+    spec = merge({k: v for k, v in (overrides or {}).items() if v is not None}, spec)
+    validate(spec)
+    return spec
+
+
+def class_list(spec: dict) -> tuple[str, ...]:
+    """The classes to keep, in order; () means all."""
+    if spec["classes"].strip() in ("", "all"):
+        return ()
+    return tuple(name.strip() for name in spec["classes"].split(",") if name.strip())
+
+
+def validate(spec: dict) -> None:
+    """Reject every value that cannot run, before any data is loaded or run created."""
+    from tlkit import models  # light: no TensorFlow import at module level
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SpecError(message)
+
+    for key in ("epochs", "batch_size", "image_size", "units", "conv_filters"):
+        need(spec[key] > 0, f"{key} must be a positive integer, got {spec[key]}")
+    for key in ("limit", "test_limit", "patience"):
+        need(spec[key] >= 0, f"{key} must be 0 or more, got {spec[key]}")
+    need(spec["finetune_epochs"] >= 0, f"finetune_epochs must be 0 or more, got {spec['finetune_epochs']}")
+    for key in ("learning_rate", "finetune_learning_rate"):
+        need(spec[key] > 0, f"{key} must be greater than 0, got {spec[key]}")
+    need(0.0 <= spec["dropout"] < 1.0, f"dropout must be in [0, 1), got {spec['dropout']}")
+    need(spec["l2"] >= 0, f"l2 must be 0 or more, got {spec['l2']}")
+    need(0.0 <= spec["momentum"] < 1.0, f"momentum must be in [0, 1), got {spec['momentum']}")
+    need(spec["optimizer"] in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {spec['optimizer']!r}")
+    need(spec["preprocess"] in ("unit", "base"), f"preprocess must be 'unit' or 'base', got {spec['preprocess']!r}")
+    need(spec["head"] in models.HEADS, f"head must be one of {', '.join(models.HEADS)}, got {spec['head']!r}")
+    need(spec["base"] in models.BASES, f"unknown base {spec['base']!r}; choose one of {', '.join(models.BASES)}")
+    min_size = models.BASES[spec["base"]].min_image_size
+    need(spec["image_size"] >= min_size,
+         f"image_size {spec['image_size']} is too small for {spec['base']}: it needs at least {min_size}")
+    weights = spec["weights"]
+    if weights not in ("imagenet", "none"):
+        need(Path(weights).is_file(), f"weights file {weights} does not exist (use 'imagenet', 'none' or a path)")
+    if spec["augment"] and spec["unfreeze"]:
+        raise SpecError("augment and unfreeze cannot be combined yet: pick one variant")
+    need(spec["data"] != "", "data must name 'cifar10', an image folder or an .npz file")

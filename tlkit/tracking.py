@@ -1,0 +1,128 @@
+"""Everything that talks to MLflow: experiment, runs, autologging, datasets, reports, the model.
+
+The tracking URI follows MLflow's own rules (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db);
+the experiment is --experiment, else MLFLOW_EXPERIMENT_NAME, else MLflow's default. Under
+`mlflow run`, MLFLOW_RUN_ID names the run that the project created, and we log into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used: one line naming the URI."""
+
+
+def use_experiment(name: str | None) -> None:
+    import mlflow
+
+    if name:
+        mlflow.set_experiment(name)
+
+
+def check_reachable() -> str:
+    """Fail now, not after an hour of training, when the tracking store cannot be reached."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"tracking server {uri} is not usable: {detail}") from None
+    return uri
+
+
+def autolog() -> None:
+    import mlflow
+
+    # Our own model (the end-to-end network) and dataset are logged explicitly; autolog's would be
+    # the head alone and the cached features. No per-epoch checkpoint of the whole base either.
+    mlflow.tensorflow.autolog(log_models=False, log_datasets=False, checkpoint=False, silent=True)
+
+
+@contextlib.contextmanager
+def run(run_name: str, nested: bool = False, tags: dict | None = None):
+    """A run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM."""
+    import mlflow
+
+    resume = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
+    if resume:
+        active = mlflow.start_run(run_id=resume, tags=tags)
+    else:
+        active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+    try:
+        yield active
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_dataset(dataset) -> None:
+    import mlflow
+
+    source = CIFAR10_URL if dataset.name == "cifar10" and not Path(dataset.source).exists() else dataset.source
+    for context, x, y in (("train", dataset.x_train, dataset.y_train), ("validation", dataset.x_val, dataset.y_val),
+                          ("test", dataset.x_test, dataset.y_test)):
+        with warnings.catch_warnings():  # MLflow registers two local sources and warns that it picks one
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_numpy(x, targets=y.argmax(axis=1), source=source, name=dataset.name,
+                                        digest=dataset.digest[:32])  # MLflow caps digests at 36 characters
+        mlflow.log_input(ds, context=context, tags={"images": str(len(x)),
+                                                    "class_names": ",".join(dataset.class_names)})
+
+
+def log_reports(folder: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), "reports")
+
+
+def log_model(network, class_names, example: np.ndarray, spec: dict):
+    """Log the end-to-end network as the pyfunc in serving.py; returns MLflow's ModelInfo."""
+    import importlib.metadata as md
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
+                        ColSpec(Array(DataType.double), "probabilities")]),
+    )
+    requirements = [f"{name}=={md.version(name)}" for name in ("mlflow", "tensorflow", "keras", "pillow",
+                                                                "numpy", "pandas")]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # serving.py states its input contract in the signature, not in type hints: skip the nag.
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        keras_path = Path(tmp) / "model.keras"
+        network.save(keras_path)
+        names_path = Path(tmp) / "class_names.json"
+        names_path.write_text(json.dumps(list(class_names)))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"keras_model": str(keras_path), "class_names": str(names_path)},
+            signature=signature,
+            input_example=np.asarray(example, dtype=np.uint8),
+            pip_requirements=requirements,  # stated, so MLflow need not load the model to infer them
+            metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"]},
+        )

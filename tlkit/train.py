@@ -1,0 +1,129 @@
+"""One experiment run: spec -> data -> network -> fit -> evaluate -> log.
+
+With the base frozen, the head trains on features computed once (features.py) instead of pushing
+every image through the base every epoch; the logged model is still the whole network with the
+same weights. `augment` runs the whole network every epoch, since its inputs change per epoch.
+`finetune` trains in two stages, each in a nested run: MLflow autologging records one `fit` per run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    run_id: str
+    test_accuracy: float
+    test_loss: float
+    model_uri: str  # runs:/<id>/model
+    test_predictions: np.ndarray  # predicted class index per test image, from the trained network
+
+
+def _fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float) -> dict[str, list[float]]:
+    import keras
+
+    from tlkit import models
+
+    model.compile(optimizer=models.optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    trainable, frozen = models.parameter_counts(model)
+    log.info("training %s: %d trainable, %d frozen parameters, lr %g", model.name, trainable, frozen, learning_rate)
+    callbacks = []
+    if spec["patience"] > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
+                                                       restore_best_weights=spec["restore_best_weights"], verbose=1))
+    history = model.fit(inputs["train"], dataset.y_train, validation_data=(inputs["val"], dataset.y_val),
+                        epochs=epochs, batch_size=spec["batch_size"], callbacks=callbacks, verbose=2)
+    return history.history
+
+
+def _train_stages(network, model, inputs, dataset, spec) -> tuple[dict, list[int]]:
+    """Fit the head; for fine-tuning, then unfreeze the block and fit on. Returns curves, stage starts."""
+    import mlflow
+
+    from tlkit import models, tracking
+
+    if not spec["unfreeze"]:
+        return _fit(model, inputs, dataset, spec, epochs=spec["epochs"], learning_rate=spec["learning_rate"]), []
+
+    with tracking.run("head", nested=True, tags={"stage": "head"}):
+        history = _fit(model, inputs, dataset, spec, epochs=spec["epochs"], learning_rate=spec["learning_rate"])
+    starts = []
+    if spec["finetune_epochs"] > 0:
+        models.set_unfrozen(network, True)  # a change of `trainable` takes effect at the next compile
+        starts.append(len(history["loss"]))
+        with tracking.run("finetune", nested=True, tags={"stage": "finetune", "unfrozen": spec["unfreeze"]}):
+            mlflow.log_param("unfrozen", spec["unfreeze"])
+            more = _fit(model, inputs, dataset, spec, epochs=spec["finetune_epochs"],
+                        learning_rate=spec["finetune_learning_rate"])
+        history = {k: history.get(k, []) + more.get(k, []) for k in set(history) | set(more)}
+    return history, starts
+
+
+def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
+          nested: bool = False) -> Result:
+    """Run one variant with a validated spec and log everything to MLflow."""
+    import keras
+    import mlflow
+
+    from tlkit import data, features, models, reports, spec as specs, tracking
+
+    tracking.use_experiment(experiment)
+    tracking.check_reachable()
+    dataset = data.load(spec["data"], image_size=spec["image_size"], limit=spec["limit"],
+                        test_limit=spec["test_limit"], seed=spec["seed"], classes=specs.class_list(spec))
+    log.info("data %s: %d train, %d validation, %d test images, %d classes", dataset.name, len(dataset.x_train),
+             len(dataset.x_val), len(dataset.x_test), len(dataset.class_names))
+    keras.utils.set_random_seed(spec["seed"])
+    network = models.build(spec, len(dataset.class_names))
+    tracking.autolog()
+
+    tags = {"variant": Path(variant).stem, "base": spec["base"], "dataset": dataset.name,
+            "dataset_digest": dataset.digest}
+    with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:
+        mlflow.set_tags(tags)
+        # Under `mlflow run` the project already logged the parameters it was given, as typed
+        # ("1e-3"); MLflow refuses to change a param, so log only the rest of the spec.
+        given = mlflow.get_run(active.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in spec.items() if k not in given})
+        mlflow.log_dict(spec, "spec.json")
+        mlflow.log_artifact(str(specs.variant_path(variant)), "spec")
+        tracking.log_dataset(dataset)
+
+        images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+        if spec["augment"]:
+            log.info("augment: the whole network runs every epoch (random transforms cannot be cached)")
+            mlflow.set_tag("feature_cache", "unused")
+            model, inputs = network.full, images
+        else:
+            cache = features.FeatureCache(cache_dir)
+            fields = features.key_fields(spec, dataset.digest, network.boundary)
+            cached = cache.get(fields, network.extractor, images)
+            mlflow.set_tags({"feature_cache": "hit" if cached.hit else "miss", "feature_cache_key": cached.key,
+                             "feature_boundary": network.boundary})
+            model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test}
+
+        history, stage_starts = _train_stages(network, model, inputs, dataset, spec)
+        test_loss, test_accuracy = model.evaluate(inputs["test"], dataset.y_test, batch_size=256, verbose=0)
+        probabilities = model.predict(inputs["test"], batch_size=256, verbose=0)
+        mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
+                            "epochs_run": float(len(history.get("loss", [])))})
+        log.info("test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss, len(dataset.x_test))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            per_class = reports.write_all(Path(tmp), dataset.y_test.argmax(axis=1), probabilities,
+                                          dataset.class_names, history, stage_starts)
+            tracking.log_reports(Path(tmp))
+        mlflow.log_metrics(per_class)
+        tracking.log_model(network.full, dataset.class_names, dataset.x_test[:2], spec)
+        run_id = active.info.run_id
+    return Result(run_id=run_id, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+                  model_uri=f"runs:/{run_id}/model", test_predictions=probabilities.argmax(axis=1))
