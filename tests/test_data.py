@@ -481,7 +481,7 @@ def test_cifar10_arrays_are_used_and_resized(monkeypatch):
 # --- the real CIFAR-10 image folder ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cifar_folder(tmp_path_factory) -> Path:
+def cifar_folder(tmp_path_factory):
     if not CIFAR_ARCHIVE.exists():
         pytest.skip(f"{CIFAR_ARCHIVE} not present")
     target = tmp_path_factory.mktemp("cifar")
@@ -491,7 +491,8 @@ def cifar_folder(tmp_path_factory) -> Path:
     else:
         with tarfile.open(CIFAR_ARCHIVE) as archive:
             archive.extractall(target, filter="data")
-    return target / "cifar10"
+    yield target / "cifar10"
+    shutil.rmtree(target, ignore_errors=True)  # 60,000 files: don't leave them in pytest's kept temp dirs
 
 
 def test_real_cifar10_folder_with_limits(cifar_folder):

@@ -110,9 +110,7 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     )
     requirements = [f"{name}=={md.version(name)}" for name in ("mlflow", "tensorflow", "keras", "pillow",
                                                                 "numpy", "pandas")]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # serving.py states its input contract in the signature, not in type hints: skip the nag.
-        warnings.filterwarnings("ignore", message=".*type hints.*")
+    with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         network.save(keras_path)
         names_path = Path(tmp) / "class_names.json"

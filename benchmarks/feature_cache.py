@@ -1,0 +1,189 @@
+"""The seed's way against tlkit's frozen-feature cache: wall time, test accuracy, peak memory.
+
+The seed trains `model.fit` on the whole network with the base frozen, so every epoch pushes every
+training and validation image through all of VGG16 again. tlkit runs the base once, caches the
+features, and trains the head on them. Both ways here use the same images, hyperparameters and
+seed and a fixed number of epochs (early stopping off), so early stopping does not decide the
+ratio. Each way runs in its own child process, so each peak RSS is its own.
+
+    python benchmarks/feature_cache.py --data ../shared/data/cifar10-jpeg.tar.gz   # or an extracted folder
+
+The frozen suite (baseline, conv_head, l2, sgd, dropout, a 6-trial search) is timed the tlkit
+way for real; the seed's way is extrapolated from its per-epoch time measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+FROZEN_SUITE = ["baseline", "conv_head", "l2", "sgd", "dropout"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def spec_for(args, variant="baseline", **extra):
+    from tlkit import spec as specs
+
+    return specs.load(variant, dict(data=args.data, weights=args.weights, limit=args.train_images,
+                                    test_limit=args.test_images, epochs=args.epochs, patience=0, **extra))
+
+
+def seed_way(args, queue) -> None:
+    """The notebook's code path: the full model, images in, every epoch through the base."""
+    import keras
+    import numpy as np
+
+    from tlkit import data
+
+    spec = spec_for(args)
+    dataset = data.load(spec["data"], limit=spec["limit"], test_limit=spec["test_limit"], seed=spec["seed"])
+    x_train, x_val, x_test = (x.astype("float32") / 255.0 for x in (dataset.x_train, dataset.x_val, dataset.x_test))
+    keras.utils.set_random_seed(spec["seed"])
+    start = time.perf_counter()
+    base = keras.applications.VGG16(include_top=False, weights=None if args.weights == "none" else args.weights,
+                                    input_shape=(32, 32, 3))
+    for layer in base.layers:
+        layer.trainable = False
+    x = keras.layers.GlobalAveragePooling2D()(base.output)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    outputs = keras.layers.Dense(len(dataset.class_names), activation="softmax")(x)
+    model = keras.Model(base.input, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=spec["learning_rate"]),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    fit_start = time.perf_counter()
+    model.fit(x_train, dataset.y_train, validation_data=(x_val, dataset.y_val), epochs=spec["epochs"],
+              batch_size=spec["batch_size"], verbose=2)
+    fit_seconds = time.perf_counter() - fit_start
+    _, accuracy = model.evaluate(x_test, dataset.y_test, verbose=0)
+    queue.put({"seconds": time.perf_counter() - start, "epoch_seconds": fit_seconds / spec["epochs"],
+               "test_accuracy": float(accuracy), "peak_rss_mb": peak_rss_mb()})
+
+
+def tlkit_way(args, variants, tune_trials, queue) -> None:
+    """tlkit's code path, MLflow logging included, into a throw-away tracking store and cache."""
+    import mlflow
+
+    from tlkit.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="tlkit-bench-"))
+    os.chdir(work)
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    timings, accuracy = {}, {}
+    start = time.perf_counter()
+    for variant in variants:
+        t0 = time.perf_counter()
+        result = train(variant, spec_for(args, variant), cache_dir=str(work / "cache"))
+        timings[variant] = time.perf_counter() - t0
+        accuracy[variant] = result.test_accuracy
+    if tune_trials:
+        from tlkit.tune import tune
+
+        t0 = time.perf_counter()
+        result = tune(spec_for(args), max_trials=tune_trials, cache_dir=str(work / "cache"),
+                      search_dir=str(work / "search"))
+        timings["tune"] = time.perf_counter() - t0
+        accuracy["tune"] = result.test_accuracy
+    queue.put({"seconds": time.perf_counter() - start, "per_variant_seconds": timings,
+               "test_accuracy": accuracy, "peak_rss_mb": peak_rss_mb()})
+
+
+def feature_pass(args, queue) -> None:
+    """The physical floor: one forward pass of the frozen base over every image."""
+    import numpy as np
+
+    from tlkit import data, models
+
+    spec = spec_for(args)
+    dataset = data.load(spec["data"], limit=spec["limit"], test_limit=spec["test_limit"], seed=spec["seed"])
+    network = models.build(spec, len(dataset.class_names))
+    images = np.concatenate([dataset.x_train, dataset.x_val, dataset.x_test])
+    network.extractor.predict(images[:256], verbose=0)  # warm-up: graph tracing is not the pass
+    start = time.perf_counter()
+    network.extractor.predict(images, batch_size=128, verbose=0)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "images": len(images), "images_per_second": len(images) / seconds})
+
+
+def in_child(target, *args):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"{target.__name__} failed with exit code {process.exitcode}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"),
+                        help="an image folder with train/ and test/, or the shared CIFAR-10 .tar.gz")
+    parser.add_argument("--weights", default="none", help="'none' here; 'imagenet' where it can be downloaded")
+    parser.add_argument("--train-images", type=int, default=5000)
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--tune-trials", type=int, default=6, help="trials of the suite's search; 0 skips it")
+    parser.add_argument("--skip-suite", action="store_true", help="time baseline only")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    if args.data.endswith((".tar.gz", ".tgz")):
+        target = Path(tempfile.mkdtemp(prefix="tlkit-cifar-"))
+        with tarfile.open(args.data) as archive:
+            archive.extractall(target, filter="data")
+        args.data = str(next(p.parent for p in target.rglob("train") if (p.parent / "test").is_dir()))
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; data {args.data}; "
+          f"{args.train_images} train / {args.test_images} test images; {args.epochs} epochs; weights {args.weights}")
+    floor = in_child(feature_pass, args)
+    print(f"one forward pass of the base: {floor['images']} images in {floor['seconds']:.1f} s "
+          f"({floor['images_per_second']:.0f} images/s)")
+    seed = in_child(seed_way, args)
+    print(f"seed's way, baseline: {seed['seconds']:.1f} s ({seed['epoch_seconds']:.1f} s/epoch), "
+          f"test accuracy {100 * seed['test_accuracy']:.2f}%, peak RSS {seed['peak_rss_mb']:.0f} MB")
+    ours = in_child(tlkit_way, args, ["baseline"], 0)
+    print(f"tlkit way, baseline:  {ours['seconds']:.1f} s, test accuracy {100 * ours['test_accuracy']['baseline']:.2f}%, "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MB  (feature pass, training and MLflow logging included)")
+    speedup = seed["seconds"] / ours["seconds"]
+    gap = 100 * abs(seed["test_accuracy"] - ours["test_accuracy"]["baseline"])
+    print(f"baseline: {speedup:.1f}x faster; accuracy gap {gap:.2f} points")
+    results = {"args": vars(args), "feature_pass": floor, "seed_baseline": seed, "tlkit_baseline": ours,
+               "baseline_speedup": speedup, "accuracy_gap_points": gap}
+
+    if not args.skip_suite:
+        tune_trials = args.tune_trials
+        try:
+            import tlkit.tune  # noqa: F401
+        except ImportError:
+            tune_trials = 0
+        suite = in_child(tlkit_way, args, FROZEN_SUITE, tune_trials)
+        # The seed's suite: 5 variants and a search of `tune_trials` trials, each `epochs` epochs on the
+        # full network, at the per-epoch time measured above (the conv head would cost a little more).
+        seed_suite = (len(FROZEN_SUITE) + tune_trials) * args.epochs * seed["epoch_seconds"]
+        print(f"frozen suite ({', '.join(FROZEN_SUITE)}{f', {tune_trials}-trial search' if tune_trials else ''}):")
+        print(f"  tlkit way {suite['seconds']:.1f} s measured; seed's way {seed_suite:.0f} s extrapolated; "
+              f"{seed_suite / suite['seconds']:.1f}x faster; suite / one pass = {suite['seconds'] / floor['seconds']:.1f}")
+        for variant, seconds in suite["per_variant_seconds"].items():
+            print(f"  {variant:10s} {seconds:6.1f} s  test accuracy {100 * suite['test_accuracy'][variant]:.2f}%")
+        results.update(suite=suite, seed_suite_extrapolated_seconds=seed_suite,
+                       suite_speedup=seed_suite / suite["seconds"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
