@@ -1,0 +1,405 @@
+"""The main job: suite -> compare -> promote -> predict / download / serve, and promote's rules.
+
+The end-to-end test runs against a real `mlflow server` on 127.0.0.1 with a PostgreSQL backend
+store (a private throw-away cluster, or $TLKIT_TEST_POSTGRES_URI) and served artifacts. The rules
+of promote and compare run on the sqlite store of the `tracking` fixture, with small real models.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tlkit.cli import main
+
+from conftest import CLASSES, REPO, draw
+
+FAST = {"weights": "none", "epochs": "2", "batch_size": "8"}
+DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a child process must not inherit it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, **extra}
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url}: the process exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process started with start_new_session=True, and everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# --- a private PostgreSQL and an MLflow server on it -------------------------------------------
+
+@pytest.fixture(scope="module")
+def postgres_uri():
+    """$TLKIT_TEST_POSTGRES_URI, else a throw-away cluster on a free 127.0.0.1 port.
+
+    postgres refuses to run as root, so as root the cluster runs as the `postgres` OS user, in a
+    folder of its own under /tmp (pytest's tmp folders are private to root).
+    """
+    if os.environ.get("TLKIT_TEST_POSTGRES_URI"):
+        yield os.environ["TLKIT_TEST_POSTGRES_URI"]
+        return
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = bins[-1] if bins else shutil.which("initdb")
+    if not initdb:
+        pytest.skip("no PostgreSQL here (initdb) and TLKIT_TEST_POSTGRES_URI is not set")
+    bindir = Path(initdb).parent
+    root = Path(tempfile.mkdtemp(prefix="tlkit-pg-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = root / "data"
+    subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                              "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    # fsync off: a throw-away cluster need not survive a power cut.
+    options = f"-k {root} -h 127.0.0.1 -p {port} -c fsync=off -c full_page_writes=off"
+    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
+                              "-o", options, "start"], check=True, capture_output=True)
+    try:
+        subprocess.run(as_user + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                  "mlflow"], check=True, capture_output=True)
+        # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; psycopg2 is the driver installed.
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres_uri, tmp_path_factory):
+    """`mlflow server` on PostgreSQL, serving its artifacts from a tmp folder: its URL."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = root / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    # The GenAI job runner (seven huey consumers) is of no use here.
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", server, 120, log)
+        yield url
+    finally:
+        stop(server)
+
+
+@pytest.fixture
+def on_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def test_suite_compare_promote_predict_download_serve(on_server, image_folder, tmp_path):
+    from PIL import Image
+
+    # 1. The README's main command, through the MLproject entry point, two variants on tiny data.
+    params = {"variants": "baseline,conv_head", "data": str(image_folder), **FAST}
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "suite", "--env-manager", "local",
+               "--experiment-name", "suite"] + [x for k, v in params.items() for x in ("-P", f"{k}={v}")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                          env=clean_env(MLFLOW_TRACKING_URI=on_server, TLKIT_CACHE_DIR=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "variant" in done.stdout and "@champion" in done.stdout, done.stdout
+
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name("suite").experiment_id
+    [parent] = mlflow.search_runs([experiment], "tags.mlflow.project.entryPoint = 'suite'", output_format="list")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["variants"] == "baseline,conv_head"
+    children = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"], output_format="list")
+    assert [c.data.tags["variant"] for c in children] == ["baseline", "conv_head"]
+    assert all(c.info.status == "FINISHED" and c.data.params["epochs"] == "2" for c in children)
+    # Both frozen variants read one feature-cache entry: computed by the first, read by the second.
+    assert [c.data.tags["feature_cache"] for c in children] == ["miss", "hit"]
+    assert children[0].data.tags["feature_cache_key"] == children[1].data.tags["feature_cache_key"]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/test_accuracy.png", "comparison/comparison.csv", "comparison/comparison.json"} <= logged
+    assert client.download_artifacts(parent.info.run_id, "comparison/test_accuracy.png", str(tmp_path)) \
+        and Image.open(tmp_path / "test_accuracy.png").size[0] > 100
+    best = max(children, key=lambda c: (c.data.metrics["test_accuracy"], -c.info.start_time))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+
+    # 2. compare: the suite's children, best first, with what the runs hold.
+    rows = json.loads(cli("compare", "--experiment", "suite", "--suite", parent.info.run_id, "--format", "json").output)
+    assert [r["run_id"] for r in rows][0] == best.info.run_id and len(rows) == 2
+    by_id = {c.info.run_id: c for c in children}
+    for row in rows:
+        run = by_id[row["run_id"]]
+        assert row["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+        assert row["epochs_run"] == int(run.data.metrics["epochs_run"])
+        history = client.get_metric_history(row["run_id"], "val_accuracy")
+        assert row["best_val_accuracy"] == pytest.approx(max(m.value for m in history))
+        assert row["dataset_digest"] == run.data.tags["dataset_digest"] and row["duration_s"] > 0
+
+    # 3. The suite promoted the best; promoting again registers nothing new.
+    name = f"{image_folder.name}-vgg16"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == best.info.run_id
+    assert champion.tags["variant"] == best.data.tags["variant"]
+    assert champion.tags["dataset_digest"] == best.data.tags["dataset_digest"]
+    assert champion.tags["run_id"] == best.info.run_id
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(best.data.metrics["test_accuracy"])
+    result = cli("promote", "--experiment", "suite")
+    assert result.exit_code == 0 and "already @champion" in result.output, result.output
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+    # 4. predict: PNG and JPEG of other sizes; the same answers as the run's own model.
+    rng = np.random.default_rng(1)
+    paths = [image_folder / "test" / kind / "000.png" for kind in CLASSES]
+    Image.fromarray(draw("circle", rng, 96)).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(draw("square", rng, 20)[..., 0]).save(tmp_path / "grey.png")
+    paths += [tmp_path / "big.jpg", tmp_path / "grey.png"]
+    result = cli("predict", "--model", f"models:/{name}@champion", *map(str, paths))
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.output.strip().splitlines()]
+    assert [line[0] for line in lines] == [str(p) for p in paths]
+    assert all(line[1] in CLASSES and 0.0 <= float(line[2]) <= 1.0 for line in lines)
+    labels = [line[1] for line in lines]
+    own = mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model")
+    assert list(own.predict(np.stack([np.asarray(Image.open(p)) for p in paths[:3]]))["label"]) == labels[:3]
+
+    # 5. download: the folder loads and predicts with no tracking server to ask.
+    result = cli("download", "--model", f"models:/{name}@champion", "--dst", str(tmp_path / "champion"))
+    assert result.exit_code == 0, result.output
+    offline = subprocess.run(
+        [sys.executable, "-c", "import sys, mlflow, numpy as np; from PIL import Image; "
+         "m = mlflow.pyfunc.load_model(sys.argv[1]); "
+         "print(','.join(m.predict(np.stack([np.asarray(Image.open(p)) for p in sys.argv[2:]]))['label']))",
+         str(tmp_path / "champion"), *map(str, paths[:3])],
+        capture_output=True, text=True, timeout=120, env=clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert offline.stdout.strip().splitlines()[-1] == ",".join(labels[:3])
+
+    # 6. serve the champion and ask it over HTTP.
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  env=clean_env(MLFLOW_TRACKING_URI=on_server), stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, 180, log)
+        pixels = np.stack([np.asarray(Image.open(p)) for p in paths[:3]])
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        stop(server)
+    assert [p["label"] for p in answer["predictions"]] == labels[:3]
+    assert all(len(p["probabilities"]) == len(CLASSES) for p in answer["predictions"])
+
+
+# --- promote's rules and compare's formats, on small real models ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_network():
+    import keras
+
+    pixels = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(pixels)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(pixels, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+
+
+def make_run(network, accuracy: float, *, digest: str = DIGEST_A, status: str = "FINISHED", model: bool = True,
+             variant: str = "v", experiment: str = "Default") -> str:
+    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model."""
+    from tlkit import spec as specs, tracking
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=variant) as run:
+        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest})
+        mlflow.log_metrics({"test_accuracy": accuracy, "epochs_run": 2})
+        for step, value in enumerate((accuracy / 2, accuracy)):
+            mlflow.log_metric("val_accuracy", value, step=step)
+        if model:
+            example = np.zeros((1, 32, 32, 3), np.uint8)
+            tracking.log_model(network, list(CLASSES), example, specs.DEFAULTS)
+        mlflow.end_run(status)
+    return run.info.run_id
+
+
+def versions(name: str) -> list:
+    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def test_promote_picks_the_best_finished_run_with_a_model_on_one_dataset(tracking, tiny_network):
+    make_run(tiny_network, 0.60, variant="low")
+    best = make_run(tiny_network, 0.80, variant="best")
+    make_run(tiny_network, 0.95, variant="failed", status="FAILED")
+    make_run(tiny_network, 0.99, variant="no_model", model=False)
+    other = make_run(tiny_network, 0.97, variant="other_data", digest=DIGEST_B)
+
+    # Two datasets: their accuracies cannot be compared, so the user must choose.
+    result = CliRunner().invoke(main, ["promote"])
+    assert result.exit_code == 2 and "2 datasets" in result.output and "--dataset-digest" in result.output
+    assert "Traceback" not in result.output
+    assert versions("shapes-vgg16") == []
+
+    result = cli("promote", "--dataset-digest", "aaaa")
+    assert result.exit_code == 0, result.output
+    [version] = versions("shapes-vgg16")
+    assert version.run_id == best
+    assert version.tags == {"variant": "best", "test_accuracy": "0.8", "dataset": "shapes",
+                            "dataset_digest": DIGEST_A, "run_id": best}
+    assert mlflow.MlflowClient().get_model_version_by_alias("shapes-vgg16", "champion").version == version.version
+
+    # The other dataset's best does not compete with the champion tested on the first one.
+    result = cli("promote", "--dataset-digest", "bbbb")
+    assert result.exit_code == 0 and "another dataset" in result.output, result.output
+    assert [v.run_id for v in versions("shapes-vgg16")] == [best, other]
+    assert mlflow.MlflowClient().get_model_version_by_alias("shapes-vgg16", "champion").run_id == best
+
+
+def test_promote_keeps_a_better_champion_and_is_idempotent(tracking, tiny_network):
+    from tlkit import registry
+
+    client = mlflow.MlflowClient()
+    make_run(tiny_network, 0.90, experiment="first")
+    first = registry.promote("first", model_name="m")
+    assert (first.registered, first.promoted, first.version) == (True, True, "1")
+
+    again = registry.promote("first", model_name="m")
+    assert (again.registered, again.promoted, again.version, again.champion) == (False, False, "1", "1")
+    assert len(versions("m")) == 1
+
+    make_run(tiny_network, 0.70, experiment="worse")
+    worse = registry.promote("worse", model_name="m")
+    assert (worse.registered, worse.promoted, worse.version, worse.champion) == (True, False, "2", "1")
+    assert "does not beat" in worse.message
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert registry.promote("worse", model_name="m").registered is False
+    assert len(versions("m")) == 2
+
+    better = make_run(tiny_network, 0.95, experiment="better")
+    promoted = registry.promote("better", model_name="m")
+    assert (promoted.promoted, promoted.champion) == (True, "3")
+    assert client.get_model_version_by_alias("m", "champion").run_id == better
+
+
+def test_compare_formats_agree(tracking, tiny_network):
+    from tlkit import registry
+
+    make_run(tiny_network, 0.5, variant="mid", model=False)
+    make_run(tiny_network, 0.75, variant="top", model=False)
+    make_run(tiny_network, 0.25, variant="broken", model=False, status="FAILED")
+    as_json = json.loads(cli("compare", "--format", "json").output)
+    as_csv = list(csv.DictReader(io.StringIO(cli("compare", "--format", "csv").output)))
+    table = [line.split() for line in cli("compare").output.strip().splitlines()]
+
+    assert [r["variant"] for r in as_json] == ["top", "mid", "broken"]
+    assert table[0] == list(registry.COLUMNS)
+    assert [r["run_id"] for r in as_json] == [r["run_id"] for r in as_csv] == [line[1] for line in table[1:]]
+    for j, c, t in zip(as_json, as_csv, table[1:]):
+        assert [j["variant"], j["status"]] == [c["variant"], c["status"]] == [t[0], t[2]]
+        assert j["test_accuracy"] == float(c["test_accuracy"]) and f"{j['test_accuracy']:.4f}" == t[3]
+        assert j["best_val_accuracy"] == float(c["best_val_accuracy"]) == j["test_accuracy"]
+        assert j["epochs_run"] == int(c["epochs_run"]) == int(t[5]) == 2
+        assert j["dataset_digest"] == c["dataset_digest"] == DIGEST_A and t[8] == DIGEST_A[:12]
+
+
+def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text('description = "a block VGG16 does not have"\nunfreeze = "block9"\n')
+    result = CliRunner().invoke(main, ["suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
+                                       "--weights", "none", "--epochs", "1", "--batch-size", "8"])
+    assert result.exit_code == 1, result.output
+    assert "1 of 2 variants failed" in result.output and "block9" in result.output
+    [parent] = mlflow.search_runs(experiment_names=["Default"], filter_string="tags.suite_variants != ''",
+                                  output_format="list")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == str(broken)
+    children = {r.data.tags["variant"]: r for r in mlflow.search_runs(
+        experiment_names=["Default"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        output_format="list")}
+    assert children["broken"].info.status == "FAILED" and "block9" in children["broken"].data.tags["error"]
+    assert children["baseline"].info.status == "FINISHED"
+    # The finished variant was still compared and promoted.
+    champion = mlflow.MlflowClient().get_model_version_by_alias(f"{image_folder.name}-vgg16", "champion")
+    assert champion.run_id == children["baseline"].info.run_id
+
+
+def test_bad_input_is_one_line_and_exit_2(tracking, tmp_path):
+    for args, message in ((["suite", "--variants", "baseline,nope"], "unknown variant 'nope'"),
+                          (["suite", "--variants", "baseline,baseline"], "lists a name twice"),
+                          (["suite", "--epochs", "0"], "epochs must be a positive integer"),
+                          (["promote"], "nothing to promote"),
+                          (["compare", "--experiment", "nope"], "no experiment named 'nope'"),
+                          (["predict", "--model", "models:/nope@champion", str(tmp_path / "x.png")],
+                           "x.png does not exist"),
+                          (["download", "--model", "models:/nope@champion", "--dst", str(tmp_path / "d")],
+                           "nope")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -1,0 +1,196 @@
+"""The suite: every variant as a child run of one parent run, compared, the best promoted.
+
+    suite (parent run)
+      baseline, conv_head, l2, sgd, dropout, augment, finetune, tune   (one child run each)
+      comparison/  test_accuracy.png, comparison.txt / .csv / .json    (on the parent)
+
+The children run in this process, one after the other, not as `mlflow.projects.run` subprocesses:
+TensorFlow starts once instead of once per variant (about 10 s each here), and the frozen
+variants (baseline, conv_head, l2, sgd, dropout) ask the feature cache for the same entry, so the
+first computes the features and the rest read them (their `feature_cache` tags say miss, then
+hit). finetune runs first: it caches below the block it unfreezes and stores the base's output
+from those features too (train.frozen_features), so the whole suite makes one pass of the base;
+the tuner's trials read the same entry; augment runs the whole network every epoch. The cost of one process: a child that crashes the interpreter
+(out of memory) ends the suite; a child that raises is marked FAILED, the suite goes on, and the
+suite fails at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The order the children run in: finetune's pass of the base serves every frozen variant after it.
+DEFAULT_VARIANTS = ("finetune", "baseline", "conv_head", "l2", "sgd", "dropout", "tune", "augment")
+
+
+@dataclass
+class SuiteResult:
+    run_id: str  # the parent run
+    rows: list[dict]  # registry.compare of the children, best first
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> one-line error
+    promotion: object | None = None  # registry.Promotion, None when nothing could be promoted
+
+
+class SuiteError(RuntimeError):
+    """Some children failed: the message names them. The suite still compared and promoted."""
+
+    def __init__(self, message: str, result: SuiteResult):
+        super().__init__(message)
+        self.result = result
+
+
+def parse_variants(text: str) -> list[str]:
+    """'all' or a comma-separated subset of DEFAULT_VARIANTS (or .toml spec files), checked."""
+    from tlkit import spec as specs
+
+    if text.strip() in ("", "all"):
+        return list(DEFAULT_VARIANTS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name != "tune":
+            specs.variant_path(name)  # raises SpecError naming the choices
+    if len(set(names)) != len(names):
+        raise specs.SpecError(f"variants lists a name twice: {text}")
+    return names
+
+
+def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
+    """Every child's full spec, validated before anything runs (bad input fails at once)."""
+    from tlkit import spec as specs
+
+    # The tuner searches around its own spec if the tune engineer's experiments/tune.toml exists.
+    return {v: specs.load("baseline" if v == "tune" and "tune" not in specs.variant_names() else v, overrides)
+            for v in variants}
+
+
+def _run_child(variant: str, spec: dict, cache_dir: str | None):
+    from tlkit import train
+
+    if variant != "tune":
+        return train.train(variant, spec, cache_dir=cache_dir, nested=True)
+    if importlib.util.find_spec("tlkit.tune") is None:
+        raise RuntimeError("tlkit.tune is not installed in this tlkit")
+    from tlkit import tune
+
+    return tune.tune(spec, cache_dir=cache_dir, nested=True)
+
+
+def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None:
+    """Tag the child's FAILED run with the error; a child that failed before its run began (its
+    base or data did not load) gets an empty FAILED run, so that the failure shows in the UI too."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = Path(variant).stem
+    runs = [r for r in mlflow.search_runs(experiment_ids=[mlflow.get_run(suite_id).info.experiment_id],
+                                          filter_string=f"tags.mlflow.parentRunId = '{suite_id}' and "
+                                                        f"tags.variant = '{name}'", output_format="list")
+            if r.info.start_time >= since_ms]
+    if runs:
+        for run in runs:
+            client.set_tag(run.info.run_id, "error", error)
+        return
+    mlflow.start_run(run_name=name, nested=True, tags={"variant": name, "error": error})
+    mlflow.end_run("FAILED")
+
+
+def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
+    """Bar chart of test accuracy per finished variant, best first, then the failed ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in finished] + [Path(v).stem for v in failed]
+    values = [r["test_accuracy"] for r in finished] + [0.0] * len(failed)
+    labels = [f"{v:.3f}" for v in values[:len(finished)]] + ["FAILED"] * len(failed)
+    colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(finished))] + ["tab:gray"] * len(failed)
+    fig, ax = plt.subplots(figsize=(1.1 * max(len(names), 3) + 2, 4))
+    bars = ax.bar(range(len(names)), values, color=colors, tick_label=names)
+    for bar, value, label in zip(bars, values, labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("suite: test accuracy per variant (best first)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = None, cache_dir: str | None = None,
+              promote: bool = True, model_name: str | None = None) -> SuiteResult:
+    """Run the children under one parent run, then compare and promote. Raises SuiteError at the
+    end if any child failed (after comparing and promoting among the finished ones)."""
+    import keras
+    import mlflow
+
+    from tlkit import registry, tracking
+    from tlkit.data import DataError
+
+    specs_by_variant = child_specs(variants, overrides)
+    tracking.use_experiment(experiment)
+    tracking.check_reachable()
+    failed: dict[str, str] = {}
+    with tracking.run("suite", tags={"suite_variants": ",".join(variants)}) as parent:
+        suite_id = parent.info.run_id
+        given = mlflow.get_run(suite_id).data.params  # under `mlflow run` the project logged them
+        params = {"variants": ",".join(variants), **{k: v for k, v in overrides.items() if v is not None}}
+        mlflow.log_params({k: v for k, v in params.items() if k not in given})
+        for number, variant in enumerate(variants, 1):
+            log.info("suite: %s (%d of %d)", variant, number, len(variants))
+            started = int(time.time() * 1000)
+            try:
+                result = _run_child(variant, specs_by_variant[variant], cache_dir)
+                # Tagged, so that compare finds it even where it is not a direct child (a reopened search).
+                client = mlflow.MlflowClient()
+                client.set_tag(result.run_id, "suite", suite_id)
+                if not client.get_run(result.run_id).data.tags.get("variant"):
+                    client.set_tag(result.run_id, "variant", variant)  # the tuner's run names no variant
+            except DataError:
+                raise  # every child reads the same data: the rest would fail the same way
+            except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
+                line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                failed[variant] = f"{type(err).__name__}: {line}"
+                log.error("suite: %s failed: %s", variant, failed[variant])
+                while mlflow.active_run() and mlflow.active_run().info.run_id != suite_id:
+                    mlflow.end_run("FAILED")  # a child left open by an error outside its own run()
+                _mark_failed(suite_id, variant, failed[variant], started)
+            finally:
+                keras.backend.clear_session()  # drop the finished child's graph and weights
+                gc.collect()
+
+        rows = registry.compare(suite=suite_id)
+        result = SuiteResult(run_id=suite_id, rows=rows, failed=failed)
+        if failed:
+            mlflow.set_tag("failed_variants", ",".join(failed))
+        finished = [r for r in rows if r["test_accuracy"] is not None and r["status"] == "FINISHED"]
+        if finished:
+            mlflow.set_tags({"best_variant": finished[0]["variant"], "best_run_id": finished[0]["run_id"]})
+            mlflow.log_metric("best_test_accuracy", finished[0]["test_accuracy"])
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for fmt, suffix in (("table", "txt"), ("csv", "csv"), ("json", "json")):
+                (folder / f"comparison.{suffix}").write_text(registry.render(rows, fmt))
+            _chart(finished, failed, folder / "test_accuracy.png")
+            mlflow.log_artifacts(tmp, "comparison")
+
+        if promote and finished:
+            # The children share one data spec, so they share one dataset digest.
+            result.promotion = registry.promote(suite=suite_id, model_name=model_name)
+            mlflow.set_tags({"registered_model": result.promotion.name,
+                             "registered_version": result.promotion.version,
+                             "champion_version": result.promotion.champion})
+        if failed:
+            # Raised inside the run, so the parent ends FAILED, as `mlflow run` would mark it anyway.
+            raise SuiteError(f"{len(failed)} of {len(variants)} variants failed: "
+                             + "; ".join(f"{v} ({e})" for v, e in failed.items()), result)
+    return result
