@@ -165,3 +165,37 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tracking):
     assert message in result.output
     assert "Traceback" not in result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, tracking, tmp_path):
+    """finetune caches below block5 and stores the base's output too; baseline then derives nothing
+    and runs no base: its features equal those of a pass of the whole base."""
+    from tlkit import features, models
+    from tlkit.train import frozen_features, load_dataset
+
+    shared = str(tmp_path / "shared")
+    for variant in ("finetune", "baseline"):
+        result = cli("train", variant, "--data", str(image_folder), *FAST, "--cache-dir", shared)
+        assert result.exit_code == 0, result.output
+    runs = {r.data.tags["variant"]: r for r in mlflow.search_runs(
+        experiment_names=["Default"], filter_string="tags.variant != ''", output_format="list")}
+    assert runs["finetune"].data.tags["feature_cache"] == "miss"
+    assert runs["finetune"].data.tags["feature_boundary"] == "block4_pool"
+    assert runs["baseline"].data.tags["feature_cache"] == "hit"  # finetune stored the base's output
+    assert len(list((tmp_path / "shared").iterdir())) == 2
+
+    # The other order: baseline finds only the lower entry and derives its features from it.
+    spec = specs.load("baseline", {"data": str(image_folder), "weights": "none"})
+    dataset = load_dataset(spec)
+    network = models.build(spec, len(dataset.class_names))
+    key = features.key_of(features.key_fields(spec, dataset.digest, network.boundary))
+    entry = tmp_path / "shared" / key
+    direct = np.array(features.FeatureCache(shared).read(key).test)
+    import shutil
+    shutil.rmtree(entry)
+    derived = frozen_features(network, dataset, spec, shared)
+    assert derived.derived_from and not derived.hit
+    np.testing.assert_allclose(np.array(derived.test), direct, rtol=1e-4, atol=1e-5)
+    fresh = frozen_features(network, dataset, spec, str(tmp_path / "fresh"))
+    assert not fresh.hit and not fresh.derived_from
+    np.testing.assert_allclose(np.array(fresh.test), direct, rtol=1e-4, atol=1e-5)

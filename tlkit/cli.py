@@ -124,5 +124,282 @@ def train_command(variant: str, experiment: str | None, cache_dir: str | None, *
     click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
 
 
+# --- pretrain: the seed's step 1 (tlkit/pretrain.py) ---------------------------------------------
+
+def pretrain_options(command):
+    """One option per spec field that pre-training uses, its default shown as pretrain's own."""
+    from tlkit.pretrain import NOT_OPTIONS, PRETRAIN
+
+    for name, (default, help_text) in reversed(FIELDS.items()):
+        if name in NOT_OPTIONS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = PRETRAIN.get(name, default)
+        shown = repr(default) if isinstance(default, str) else default
+        if isinstance(default, bool):
+            option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None,
+                                  help=f"{help_text}  [default: {default}]")
+        else:
+            option = click.option(flag, name, type=type(default), default=None,
+                                  help=f"{help_text}  [default: {shown}]")
+        command = option(command)
+    return command
+
+
+@main.command("pretrain")
+@pretrain_options
+@click.option("--output", default=None,
+              help="weights file to write, ending in .weights.h5  [default: ./pretrained/<base>-<sha256[:12]>.weights.h5]")
+@click.option("--experiment", default=None, help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
+@friendly_errors
+def pretrain_command(output: str | None, experiment: str | None, **overrides) -> None:
+    """Pre-train a base on a source data set; write its weights for `--weights <file>`.
+
+    The whole network (base + dense top) trains from random weights (or --weights FILE), with
+    augmentation and early stopping; the base alone (include_top=False) is saved as Keras'
+    .weights.h5 and logged as an artifact of the run. The last line printed is the file's path.
+
+    Example: tlkit pretrain --data ./cifar10 --classes airplane,automobile,bird,cat,deer
+    --base MobileNetV3Small --preprocess base --epochs 15
+    """
+    from tlkit import pretrain as pretraining
+
+    spec = pretraining.pretrain_spec(overrides)  # every check before data is loaded or a run is made
+    pretraining.check_output(output)
+    try:
+        run_id, path = pretraining.pretrain(spec, output=output, experiment=experiment)
+    except OSError as err:  # the weights file cannot be written: a failure while running
+        raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    click.echo(f"run {run_id}: pretrained {spec['base']} weights")
+    click.echo(str(path))
+
+
+
+# --- tune: keras-tuner search, one nested run per trial (tlkit/tune.py) --------------------------
+
+@main.command("tune")
+@spec_options
+@click.option("--max-trials", type=click.IntRange(min=1), default=6,
+              help="trials to run (hyperband: a cap on its brackets); the seed ran 6")
+@click.option("--executions-per-trial", type=click.IntRange(min=1), default=1,
+              help="fits per trial from fresh weights; the trial's score is their mean")
+@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default="random",
+              help="keras-tuner's search algorithm")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="worker processes on this machine; this one serves the oracle over gRPC. 0 = one process")
+@click.option("--search-dir", default=None,
+              help="keras-tuner's state: run again with the same folder to resume  "
+                   "[default: <cache-dir>/searches/<tuner>-<search key>-<where>]")
+@click.option("--experiment", default=None, help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
+@click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
+              help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+@friendly_errors
+def tune_command(max_trials: int, executions_per_trial: int, tuner: str, workers: int, search_dir: str | None,
+                 experiment: str | None, cache_dir: str | None, **overrides) -> None:
+    """Search the head's units (256..1024), l2 and learning rate (1e-4..1e-2, log) with keras-tuner.
+
+    The spec options set everything else (the baseline's values by default). One parent run, one
+    nested run per trial; the best trial's whole network is evaluated and logged as `model`.
+    With KERASTUNER_ORACLE_IP, _PORT and _TUNER_ID=tunerK (and TLKIT_PARENT_RUN_ID) set, this runs
+    as a worker for that chief instead; with _TUNER_ID=chief it serves the oracle at that address.
+
+    Example: tlkit tune --data /data/cifar10 --max-trials 12 --tuner bayesian --workers 2
+    """
+    from tlkit import spec as specs, tune
+
+    searched = [f"--{name.replace('_', '-')}" for name in tune.SEARCH_SPACE if overrides.get(name) is not None]
+    if searched:
+        raise click.UsageError(f"{', '.join(searched)}: the search sets these; see tlkit/tune.py SEARCH_SPACE")
+    spec = specs.load("baseline", overrides)  # every check before data is loaded or a run is made
+    settings = dict(max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner)
+    try:
+        if tune.role() == "worker":
+            if workers:
+                raise specs.SpecError("a worker cannot start workers: --workers must be 0")
+            parent, count = tune.work(spec, **settings, search_dir=search_dir, cache_dir=cache_dir)
+            click.echo(f"worker {os.environ['KERASTUNER_TUNER_ID']}: {count} trial(s) under run {parent}")
+            return
+        result = tune.tune(spec, **settings, workers=workers, search_dir=search_dir, experiment=experiment,
+                           cache_dir=cache_dir)
+    except tune.TuneError as err:
+        if click.get_current_context().find_root().params.get("debug"):
+            raise
+        raise click.ClickException(str(err)) from None
+    click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
+
+
+# --- suite, compare, promote, predict, download: the main job (tlkit/suite.py, tlkit/registry.py) ---
+
+def common_options(command):
+    """One option per parameter that every suite child shares (mlproject.COMMON), unset unless given."""
+    from tlkit.mlproject import COMMON
+
+    for name in reversed(COMMON):
+        default, help_text = FIELDS[name]
+        shown = repr(default) if isinstance(default, str) else default
+        command = click.option("--" + name.replace("_", "-"), name, type=type(default), default=None,
+                               help=f"{help_text}  [default: each variant's; baseline: {shown}]")(command)
+    return command
+
+
+def registry_errors(command):
+    """registry.RegistryError is bad input (exit 2); an MLflow failure while running exits 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        from tlkit.registry import RegistryError
+
+        debug = click.get_current_context().find_root().params.get("debug")
+        try:
+            return command(*args, **kwargs)
+        except RegistryError as err:
+            if debug:
+                raise
+            raise click.UsageError(str(err)) from None
+        except MlflowException as err:
+            if debug:
+                raise
+            raise click.ClickException(f"MLflow: {str(err).strip().splitlines()[0][:300]}") from None
+
+    return wrapper
+
+
+_experiment_option = click.option("--experiment", default=None,
+                                  help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
+_model_name_option = click.option("--model-name", default=None,
+                                  help="registered model name  [default: <dataset>-<base>, e.g. cifar10-vgg16]")
+
+
+def _echo_promotion(promotion) -> None:
+    click.echo(promotion.message)
+    click.echo(f"models:/{promotion.name}@champion -> version {promotion.champion or '-'}")
+
+
+@main.command("suite")
+@click.option("--variants", default="all",
+              help="comma-separated variants to run, in order; 'all' = baseline,conv_head,l2,sgd,dropout,"
+                   "augment,finetune,tune")
+@common_options
+@_experiment_option
+@click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
+              help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+@click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
+              "move @champion to it if it beats the champion")
+@_model_name_option
+@registry_errors
+@friendly_errors
+def suite_command(variants: str, experiment: str | None, cache_dir: str | None, promote: bool,
+                  model_name: str | None, **overrides) -> None:
+    """Run every variant as a child of one suite run, compare them, promote the best.
+
+    The options given pass to every variant; each keeps its own value of the rest. Prints the
+    comparison table (also logged on the suite run with a chart). Exits 1 if any variant failed,
+    after comparing and promoting among the others.
+
+    Example: tlkit suite --data /data/cifar10 --variants baseline,conv_head,finetune --epochs 5
+    """
+    from tlkit import registry, suite
+
+    names = suite.parse_variants(variants)
+    suite.child_specs(names, overrides)  # every spec checked before anything is loaded or logged
+    try:
+        result = suite.run_suite(names, overrides, experiment=experiment, cache_dir=cache_dir, promote=promote,
+                                 model_name=model_name)
+        failure = None
+    except suite.SuiteError as err:
+        result, failure = err.result, err
+    click.echo(f"suite run {result.run_id}")
+    click.echo(registry.render(result.rows, "table"), nl=False)
+    if result.promotion is not None:
+        _echo_promotion(result.promotion)
+    if failure is not None:
+        raise click.ClickException(str(failure))
+
+
+@main.command("compare")
+@_experiment_option
+@click.option("--suite", "suite_run", default=None, help="only the children of this suite run (its run id)")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              help="output format")
+@registry_errors
+@friendly_errors
+def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> None:
+    """The variant runs of an experiment, best test accuracy first.
+
+    Columns: variant, run id, status, test_accuracy, best val_accuracy of any epoch, epochs run,
+    duration in seconds, dataset and its digest (the table shows its first 12 characters).
+
+    Example: tlkit compare --experiment suite --format csv > runs.csv
+    """
+    from tlkit import registry, tracking
+
+    tracking.check_reachable()
+    click.echo(registry.render(registry.compare(experiment, suite_run), fmt), nl=False)
+
+
+@main.command("promote")
+@_experiment_option
+@click.option("--suite", "suite_run", default=None, help="only the children of this suite run (its run id)")
+@click.option("--dataset-digest", default=None,
+              help="compare only runs tested on this dataset digest (a prefix will do)  "
+                   "[default: the one digest there is; several are an error]")
+@_model_name_option
+@click.option("--force", is_flag=True,
+              help="move @champion even if the best run does not beat it or was tested on another dataset")
+@registry_errors
+@friendly_errors
+def promote_command(experiment: str | None, suite_run: str | None, dataset_digest: str | None,
+                    model_name: str | None, force: bool) -> None:
+    """Register the best FINISHED run's model; make it @champion if it beats the champion.
+
+    Only runs with a logged model and test_accuracy on one dataset digest compete. The version is
+    tagged with variant, test_accuracy, dataset, dataset_digest and run_id. Promoting twice in a
+    row registers nothing new.
+
+    Example: tlkit promote --experiment suite --model-name cifar10-vgg16
+    """
+    from tlkit import registry, tracking
+
+    tracking.check_reachable()
+    _echo_promotion(registry.promote(experiment, suite_run, dataset_digest, model_name, force=force))
+
+
+@main.command("predict")
+@click.option("--model", "model_uri", required=True,
+              help="model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@registry_errors
+@friendly_errors
+def predict_command(model_uri: str, images: tuple[str, ...]) -> None:
+    """Classify IMAGES (PNG or JPEG, any size): one line each, path<TAB>label<TAB>probability.
+
+    Example: tlkit predict --model models:/cifar10-vgg16@champion cat.jpg ship.png
+    """
+    from tlkit import registry
+
+    for path, label, probability in registry.predict(model_uri, list(images)):
+        click.echo(f"{path}\t{label}\t{probability:.4f}")
+
+
+@main.command("download")
+@click.option("--model", "model_uri", required=True, help="model URI, e.g. models:/cifar10-vgg16@champion")
+@click.option("--dst", required=True, type=click.Path(file_okay=False), help="new or empty folder to write it to")
+@registry_errors
+@friendly_errors
+def download_command(model_uri: str, dst: str) -> None:
+    """Copy a model into a folder that loads without the tracking server.
+
+    Load it with mlflow.pyfunc.load_model(DST), serve it with `mlflow models serve -m DST
+    --env-manager local`, or `tlkit predict --model DST IMAGE`.
+
+    Example: tlkit download --model models:/cifar10-vgg16@champion --dst ./champion
+    """
+    from tlkit import registry
+
+    click.echo(str(registry.download(model_uri, dst)))
+
+
 if __name__ == "__main__":
     main()

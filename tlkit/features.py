@@ -81,6 +81,7 @@ class Features:
     test: np.ndarray
     key: str
     hit: bool  # True when read from the cache, False when computed now
+    derived_from: str = ""  # key of the lower entry these were computed from, if any
 
 
 class FeatureCache:
@@ -89,6 +90,15 @@ class FeatureCache:
 
     def _entry(self, key: str) -> Path:
         return self.root / key
+
+    def check_writable(self) -> None:
+        """Fail now, naming the folder, not after a pass of the base over every image."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as err:
+            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {err.strerror or err}") from None
 
     def read(self, key: str) -> Features | None:
         """The verified entry, or None if absent or corrupted (then it is removed)."""

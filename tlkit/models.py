@@ -24,13 +24,19 @@ class BaseInfo:
     constructor: str
     last_block: str  # layer-name prefix of the block that fine-tuning unfreezes by default
     min_image_size: int = 32  # keras.applications refuses smaller inputs
+    # keras.applications builds the pixel scaling into these bases (they take 0-255): preprocess
+    # 'unit' would hand them [0, 1] images, nearly constant after their own scaling.
+    scales_pixels_itself: bool = False
 
 
 BASES = {
     "VGG16": BaseInfo("vgg16", "VGG16", "block5"),
     "ResNet50": BaseInfo("resnet50", "ResNet50", "conv5"),
     "MobileNetV2": BaseInfo("mobilenet_v2", "MobileNetV2", "block_16"),
-    "EfficientNetB0": BaseInfo("efficientnet", "EfficientNetB0", "block7"),
+    "EfficientNetB0": BaseInfo("efficientnet", "EfficientNetB0", "block7", scales_pixels_itself=True),
+    # 0.9M parameters, 846 training images/s at 32x32 on 2 CPU cores (VGG16: 70): small enough to
+    # pre-train here (benchmarks/transfer.py). Its last block is expanded_conv_10 (then conv_1).
+    "MobileNetV3Small": BaseInfo("mobilenet_v3", "MobileNetV3Small", "expanded_conv_10", scales_pixels_itself=True),
 }
 
 
@@ -63,13 +69,18 @@ def _conv_head(x, spec, num_classes):
 HEADS = {"dense": _dense_head, "conv": _conv_head}
 
 
-def load_base(name: str, weights: str, image_size: int):
+def load_base(name: str, weights: str, image_size: int, seed: int | None = None):
     """The base without its top, from keras.applications; weights 'imagenet', 'none' or a file."""
     import keras
 
     info = BASES[name]
-    constructor = getattr(getattr(keras.applications, info.module), info.constructor)
+    # Every constructor is at the top of keras.applications (MobileNetV3Small is not in its submodule).
+    constructor = getattr(keras.applications, info.constructor)
     keras_weights = None if weights == "none" else weights
+    if weights == "none" and seed is not None:
+        # Random weights are a function of the seed, so the feature cache's key (which holds the
+        # seed) names them, however much randomness was drawn before this call.
+        keras.utils.set_random_seed(seed)
     try:
         # A file path goes to Keras' own weight loader (HDF5, no pickled code is executed).
         return constructor(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
@@ -133,18 +144,30 @@ class Network:
     trainable: object  # keras.Model: features -> class probabilities
     upper: object | None  # keras.Model: the base's block above the boundary, or None
     boundary: str  # name of the base layer whose output the extractor returns
+    base: object = None  # the keras.applications model (include_top=False): what pre-training saves
 
 
-def build(spec: dict, num_classes: int) -> Network:
+def build(spec: dict, num_classes: int, base_model=None) -> Network:
+    """The network of a spec; base_model, if given, is load_base's result for the same spec."""
     import keras
-    from keras import layers
 
     size = spec["image_size"]
-    base_model = load_base(spec["base"], spec["weights"], size)
+    base_model = base_model or load_base(spec["base"], spec["weights"], size, spec["seed"])
     boundary = boundary_layer(base_model, spec["unfreeze"])
     cut = base_model.get_layer(boundary).output
     lower = keras.Model(base_model.input, cut, name=f"{base_model.name}_frozen")
-    lower.trainable = False
+    # trainable_base: the whole base trains from the first epoch (from scratch, or pre-training).
+    lower.trainable = spec["trainable_base"]
+    if spec["trainable_base"]:
+        from keras import layers
+
+        # keras.applications' BatchNorm momentum (0.999 in MobileNetV2/V3) moves the moving statistics
+        # 0.1% a step: after a 352-step epoch they were still 70% their initial 0 and 1, and evaluation,
+        # which uses them, scored chance (MobileNetV3Small: 19% validation against 48% training accuracy).
+        # 0.9 (PyTorch's default) follows the batches within tens of steps.
+        for layer in base_model.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
     upper = None
     if boundary != base_model.layers[-1].name:
         try:
@@ -166,8 +189,12 @@ def build(spec: dict, num_classes: int) -> Network:
     if spec["augment"]:
         for layer in augmentation_layers():
             x = layer(x)
-    full = keras.Model(pixels, trainable(lower(x, training=False)), name="full")
-    return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary)
+    # A base that trains from the start needs BatchNorm's batch statistics in training (its moving
+    # averages start at 0 and 1); training=None lets fit() and predict() choose the mode.
+    base_mode = None if spec["trainable_base"] else False
+    full = keras.Model(pixels, trainable(lower(x, training=base_mode)), name="full")
+    return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary,
+                   base=base_model)
 
 
 def set_unfrozen(network: Network, unfrozen: bool) -> None:

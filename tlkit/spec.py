@@ -23,7 +23,7 @@ FIELDS: dict[str, tuple[object, str]] = {
     "test_limit": (0, "cap on test images, stratified; 0 = all"),
     "seed": (1995, "random seed: validation split, sampling, weight initialisation"),
     # model
-    "base": ("VGG16", "keras.applications base: VGG16, ResNet50, MobileNetV2, EfficientNetB0"),
+    "base": ("VGG16", "keras.applications base: VGG16, ResNet50, MobileNetV2, EfficientNetB0, MobileNetV3Small"),
     "weights": ("imagenet", "'imagenet', 'none' (random), or a path to a weights file"),
     "preprocess": ("unit", "'unit' scales pixels to [0, 1] (the seed); 'base' uses the base's own preprocessing"),
     "head": ("dense", "head kind: 'dense' (pool, dense, softmax) or 'conv' (a conv block first)"),
@@ -32,6 +32,8 @@ FIELDS: dict[str, tuple[object, str]] = {
     "l2": (0.0, "L2 factor on the hidden Dense layer's kernel; 0 = none"),
     "dropout": (0.0, "dropout rate after the hidden Dense layer, in [0, 1); 0 = none"),
     "augment": (False, "random horizontal flip and translation in training (runs the whole network every epoch)"),
+    "trainable_base": (False, "train the whole base from the first epoch, BatchNorm included (from scratch with "
+                              "weights 'none'; runs the whole network every epoch)"),
     # optimisation
     "optimizer": ("adam", "'adam' or 'sgd'"),
     "learning_rate": (0.001, "learning rate of the head's training"),
@@ -142,4 +144,8 @@ def validate(spec: dict) -> None:
         need(Path(weights).is_file(), f"weights file {weights} does not exist (use 'imagenet', 'none' or a path)")
     if spec["augment"] and spec["unfreeze"]:
         raise SpecError("augment and unfreeze cannot be combined yet: pick one variant")
+    if spec["trainable_base"] and spec["unfreeze"]:
+        raise SpecError("trainable_base trains the whole base already: unfreeze must be ''")
+    need(not (models.BASES[spec["base"]].scales_pixels_itself and spec["preprocess"] == "unit"),
+         f"{spec['base']} scales raw pixels itself (keras.applications builds it in): use preprocess 'base'")
     need(spec["data"] != "", "data must name 'cifar10', an image folder or an .npz file")

@@ -32,15 +32,38 @@ def use_experiment(name: str | None) -> None:
 
 
 def check_reachable() -> str:
-    """Fail now, not after an hour of training, when the tracking store cannot be reached."""
+    """Fail now, not after an hour of training, when the tracking store cannot be used."""
+    import urllib.error
+    import urllib.request
+
     import mlflow
 
     uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        # MLflow's client retries a refused connection for minutes; one plain request answers at once.
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10)
+        except urllib.error.HTTPError:
+            pass  # it answers; whether it lets us in is the API call's to say
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"tracking server {uri} is not reachable: {reason}") from None
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        text = str(err)
+        if "401" in text or "403" in text:
+            raise TrackingError(f"tracking server {uri} refused the credentials "
+                                "(check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
+        detail = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
         raise TrackingError(f"tracking server {uri} is not usable: {detail}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
     return uri
 
 
@@ -53,15 +76,25 @@ def autolog() -> None:
 
 
 @contextlib.contextmanager
-def run(run_name: str, nested: bool = False, tags: dict | None = None):
-    """A run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM."""
+def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id: str | None = None,
+        parent_run_id: str | None = None):
+    """A run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
+
+    run_id reopens an existing run (a resumed search's parent). parent_run_id nests a new run under a
+    run of another process (a keras-tuner worker's trial under the chief's search), in its experiment.
+    """
     import mlflow
 
-    resume = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
-    if resume:
-        active = mlflow.start_run(run_id=resume, tags=tags)
+    if run_id is None and not nested and mlflow.active_run() is None:
+        # Under `mlflow run` the project made our run. Consume the variable: MLflow would otherwise take
+        # it for the next nested run too, and reopen this run instead of nesting a new one.
+        run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        active = mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
     else:
-        active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
+        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
+        active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, parent_run_id=parent_run_id,
+                                  experiment_id=experiment_id)
     try:
         yield active
     except KeyboardInterrupt:

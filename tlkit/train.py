@@ -68,22 +68,74 @@ def _train_stages(network, model, inputs, dataset, spec) -> tuple[dict, list[int
     return history, starts
 
 
+def load_dataset(spec: dict):
+    """The spec's data: raw uint8 pixels, split and one-hot (data.load with the spec's fields)."""
+    from tlkit import data, spec as specs
+
+    dataset = data.load(spec["data"], image_size=spec["image_size"], limit=spec["limit"],
+                        test_limit=spec["test_limit"], seed=spec["seed"], classes=specs.class_list(spec))
+    log.info("data %s: %d train, %d validation, %d test images, %d classes", dataset.name, len(dataset.x_train),
+             len(dataset.x_val), len(dataset.x_test), len(dataset.class_names))
+    return dataset
+
+
+def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None):
+    """The extractor's outputs for the train, val and test images: from the cache, or computed once.
+
+    finetune and the frozen variants share one pass of the base. finetune caches below the block
+    it unfreezes (VGG16: block4_pool) and, from those, also stores the base's output: the top block
+    is cheap (VGG16's block5 at 2x2 is under a tenth of the pass). A frozen variant that finds the
+    lower entry derives its features from it the same way instead of running the base again.
+    """
+    import keras
+
+    from tlkit import features, models
+
+    cache = features.FeatureCache(cache_dir)
+    fields = features.key_fields(spec, dataset.digest, network.boundary)
+    images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+    base = network.base
+    output_layer = base.layers[-1].name
+    shared_cut = models.boundary_layer(base, models.BASES[spec["base"]].last_block)
+    top_fields = features.key_fields(spec, dataset.digest, output_layer)
+
+    def derive(lower: features.Features, top) -> None:
+        arrays = {split: top.predict(getattr(lower, split), batch_size=256, verbose=0) for split in features.SPLITS}
+        cache.write(features.key_of(top_fields), top_fields, arrays)
+
+    if network.boundary == output_layer:
+        key = features.key_of(fields)
+        if cache.read(key) is None:
+            lower = cache.read(features.key_of(features.key_fields(spec, dataset.digest, shared_cut)))
+            if lower is not None:
+                log.info("feature cache: deriving %s features from the %s entry", output_layer, shared_cut)
+                derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
+                derived = cache.read(key)
+                derived.hit, derived.derived_from = False, lower.key
+                return derived
+        return cache.get(fields, network.extractor, images)
+
+    got = cache.get(fields, network.extractor, images)
+    if network.boundary == shared_cut and network.upper is not None and cache.read(features.key_of(top_fields)) is None:
+        derive(got, network.upper)  # still the loaded weights: fine-tuning has not started
+    return got
+
+
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
           nested: bool = False) -> Result:
     """Run one variant with a validated spec and log everything to MLflow."""
     import keras
     import mlflow
 
-    from tlkit import data, features, models, reports, spec as specs, tracking
+    from tlkit import models, reports, spec as specs, tracking
 
     tracking.use_experiment(experiment)
     tracking.check_reachable()
-    dataset = data.load(spec["data"], image_size=spec["image_size"], limit=spec["limit"],
-                        test_limit=spec["test_limit"], seed=spec["seed"], classes=specs.class_list(spec))
-    log.info("data %s: %d train, %d validation, %d test images, %d classes", dataset.name, len(dataset.x_train),
-             len(dataset.x_val), len(dataset.x_test), len(dataset.class_names))
     keras.utils.set_random_seed(spec["seed"])
-    network = models.build(spec, len(dataset.class_names))
+    # The base first: a weights file that does not fit fails before minutes of image decoding.
+    base_model = models.load_base(spec["base"], spec["weights"], spec["image_size"], spec["seed"])
+    dataset = load_dataset(spec)
+    network = models.build(spec, len(dataset.class_names), base_model)
     tracking.autolog()
 
     tags = {"variant": Path(variant).stem, "base": spec["base"], "dataset": dataset.name,
@@ -98,16 +150,15 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
         mlflow.log_artifact(str(specs.variant_path(variant)), "spec")
         tracking.log_dataset(dataset)
 
-        images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
-        if spec["augment"]:
-            log.info("augment: the whole network runs every epoch (random transforms cannot be cached)")
+        if spec["augment"] or spec["trainable_base"]:
+            # Random transforms, or a base whose weights change, cannot come from the feature cache.
+            log.info("augment / trainable_base: the whole network runs every epoch")
             mlflow.set_tag("feature_cache", "unused")
-            model, inputs = network.full, images
+            model, inputs = network.full, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
         else:
-            cache = features.FeatureCache(cache_dir)
-            fields = features.key_fields(spec, dataset.digest, network.boundary)
-            cached = cache.get(fields, network.extractor, images)
-            mlflow.set_tags({"feature_cache": "hit" if cached.hit else "miss", "feature_cache_key": cached.key,
+            cached = frozen_features(network, dataset, spec, cache_dir)
+            outcome = "derived" if cached.derived_from else "hit" if cached.hit else "miss"
+            mlflow.set_tags({"feature_cache": outcome, "feature_cache_key": cached.key,
                              "feature_boundary": network.boundary})
             model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test}
 
