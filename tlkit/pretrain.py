@@ -88,7 +88,7 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
         tracking.check_reachable()
         keras.utils.set_random_seed(spec["seed"])
         # The base first: a weights file that does not fit fails before minutes of image decoding.
-        base_model = models.load_base(spec["base"], spec["weights"], spec["image_size"])
+        base_model = models.load_base(spec["base"], spec["weights"], spec["image_size"], spec["seed"])
         dataset = load_dataset(spec)
         network = models.build(spec, len(dataset.class_names), base_model)
         tracking.autolog()
