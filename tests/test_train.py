@@ -47,6 +47,10 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
     assert run.data.tags["base"] == "VGG16"
     assert run.data.tags["dataset"] == image_folder.name
     assert len(run.data.tags["dataset_digest"]) == 64
+    inputs = {d.dataset.name: d for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == [f"{image_folder.name}-{c}" for c in ("test", "train", "validation")]
+    test_input_tags = {t.key: t.value for t in inputs[f"{image_folder.name}-test"].tags}
+    assert test_input_tags["images"] == "12" and test_input_tags["class_names"] == "circle,square,stripes"
     metrics = run.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
     assert {"test_precision_circle", "test_recall_square", "test_f1_stripes"} <= set(metrics)

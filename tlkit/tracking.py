@@ -28,6 +28,9 @@ def use_experiment(name: str | None) -> None:
     import mlflow
 
     if name:
+        # set_experiment asks the server, whose client retries a refused connection for minutes
+        # (measured: over 2 min against a closed port); the check answers at once.
+        check_reachable()
         mlflow.set_experiment(name)
 
 
@@ -89,12 +92,29 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
         # Under `mlflow run` the project made our run. Consume the variable: MLflow would otherwise take
         # it for the next nested run too, and reopen this run instead of nesting a new one.
         run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if run_id:
-        active = mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
-    else:
-        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
-        active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, parent_run_id=parent_run_id,
-                                  experiment_id=experiment_id)
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = None
+    try:
+        if run_id:
+            active = mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
+        else:
+            experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
+            active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, parent_run_id=parent_run_id,
+                                      experiment_id=experiment_id)
+    except MlflowException as err:
+        # A basic-auth server lets a new user read, not write, experiments it did not create (Default too).
+        if err.error_code != "PERMISSION_DENIED" and "error code 403" not in str(err):
+            raise
+        experiment_id = experiment_id or mlflow.tracking.fluent._get_experiment_id()
+        try:
+            experiment = repr(mlflow.get_experiment(experiment_id).name)
+        except MlflowException:
+            experiment = experiment_id
+        raise TrackingError(f"tracking server {mlflow.get_tracking_uri()} does not let "
+                            f"{os.environ.get('MLFLOW_TRACKING_USERNAME', 'this user')} write to experiment "
+                            f"{experiment}: pass --experiment NAME (a new one is yours), or ask its owner "
+                            "for EDIT permission") from None
     try:
         yield active
     except KeyboardInterrupt:
@@ -113,9 +133,10 @@ def log_dataset(dataset) -> None:
     source = CIFAR10_URL if dataset.name == "cifar10" and not Path(dataset.source).exists() else dataset.source
     for context, x, y in (("train", dataset.x_train, dataset.y_train), ("validation", dataset.x_val, dataset.y_val),
                           ("test", dataset.x_test, dataset.y_test)):
+        # One name per split: MLflow keeps a single input per (name, digest), and the three share a digest.
         with warnings.catch_warnings():  # MLflow registers two local sources and warns that it picks one
             warnings.simplefilter("ignore", UserWarning)
-            ds = mlflow.data.from_numpy(x, targets=y.argmax(axis=1), source=source, name=dataset.name,
+            ds = mlflow.data.from_numpy(x, targets=y.argmax(axis=1), source=source, name=f"{dataset.name}-{context}",
                                         digest=dataset.digest[:32])  # MLflow caps digests at 36 characters
         mlflow.log_input(ds, context=context, tags={"images": str(len(x)),
                                                     "class_names": ",".join(dataset.class_names)})
