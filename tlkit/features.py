@@ -74,6 +74,17 @@ def key_of(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _why(err: OSError, folder: Path) -> str:
+    """The OS's reason; numpy reports a full disk as a short write ("16384 requested and 4064 written")."""
+    if err.strerror:
+        return err.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return str(err)
+    return f"No space left on device ({free} bytes free; {err})" if free < 1 << 20 else str(err)
+
+
 @dataclass
 class Features:
     train: np.ndarray
@@ -98,7 +109,7 @@ class FeatureCache:
             with tempfile.TemporaryFile(dir=self.root):
                 pass
         except OSError as err:
-            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {err.strerror or err}") from None
+            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
 
     def read(self, key: str) -> Features | None:
         """The verified entry, or None if absent or corrupted (then it is removed)."""
@@ -124,7 +135,7 @@ class FeatureCache:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
         except OSError as err:
-            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {err.strerror or err}") from None
+            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
         try:
             checksums = {}
             for split in SPLITS:
@@ -142,7 +153,7 @@ class FeatureCache:
                 if not (self._entry(key) / "meta.json").is_file():
                     raise
         except OSError as err:
-            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {err.strerror or err}") from None
+            raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -82,12 +82,16 @@ def load_base(name: str, weights: str, image_size: int, seed: int | None = None)
         # seed) names them, however much randomness was drawn before this call.
         keras.utils.set_random_seed(seed)
     try:
-        # A file path goes to Keras' own weight loader (HDF5, no pickled code is executed).
+        # A file path goes to Keras' model.load_weights, which reads arrays only (h5py for .weights.h5
+        # and legacy .h5, the weights member of a .keras zip): no config is deserialised, nothing unpickled.
         return constructor(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
     except (ValueError, OSError) as err:
         if weights in ("imagenet", "none"):
             raise
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # Keras' mismatch message opens "A total of 13 objects could not be loaded. Example ...:" and
+        # says what did not fit on the next line.
+        first_line = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise ModelError(f"weights file {weights} does not fit {name} at {image_size}x{image_size}: {first_line}") from None
 
 

@@ -184,6 +184,29 @@ def default_model_name(dataset: str, base: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", f"{dataset}-{base}".lower()).strip("-") or "tlkit-model"
 
 
+# Refused in a registered model name: '/' and ':' by MLflow, '%' by its file store, and "'" by the
+# search filters here (name = '...'). The SQL stores keep at most 256 characters.
+NAME_FORBIDDEN = ("/", ":", "%", "'")
+NAME_MAX = 256
+
+
+def check_model_name(name: str) -> str:
+    """The name, if every MLflow store accepts it; else RegistryError, before anything is registered."""
+    if not name.strip():
+        why = "is empty"
+    elif name != name.strip():
+        why = "starts or ends with whitespace"
+    elif len(name) > NAME_MAX:
+        why = f"is {len(name)} characters long; the registry keeps at most {NAME_MAX}"
+    elif any(c in name for c in NAME_FORBIDDEN):
+        why = f"contains {next(c for c in NAME_FORBIDDEN if c in name)!r}; not allowed: {' '.join(NAME_FORBIDDEN)}"
+    elif name in (".", "..") or name.startswith(".."):
+        why = "is not a name MLflow accepts ('.', '..' and names starting with '..' are refused)"
+    else:
+        return name
+    raise RegistryError(f"model name {name!r} {why}")
+
+
 def candidates(experiment: str | None = None, suite: str | None = None) -> list:
     """FINISHED variant runs that logged a test accuracy, a dataset digest and a model."""
     runs = variant_runs(experiment, suite, status="FINISHED")
@@ -214,11 +237,38 @@ def _describe(digests: dict) -> str:
 
 
 def _champion_accuracy(client, version) -> float | None:
+    from mlflow.exceptions import MlflowException
+
     if "test_accuracy" in version.tags:
         return float(version.tags["test_accuracy"])
     if version.run_id:  # registered by hand, without our tags
-        return client.get_run(version.run_id).data.metrics.get("test_accuracy")
+        try:
+            return client.get_run(version.run_id).data.metrics.get("test_accuracy")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("@%s v%s: its run %s no longer exists (deleted, then `mlflow gc`)", CHAMPION,
+                        version.version, version.run_id)
     return None
+
+
+def _what_is_there(experiment: str | None, suite: str | None) -> str:
+    """Why no run can be promoted, counted: '1 FAILED, 2 FINISHED without a logged model'."""
+    runs = variant_runs(experiment, suite)
+    if not runs:
+        return "there is no variant run there"
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    models = logged_models(sorted({r.info.experiment_id for r in finished})) if finished else {}
+    counts: dict[str, int] = {}
+    for run in runs:
+        if run.info.status != "FINISHED":
+            what = run.info.status
+        elif run.info.run_id not in models:
+            what = "FINISHED without a logged model"
+        else:
+            what = "FINISHED without test_accuracy or dataset_digest"
+        counts[what] = counts.get(what, 0) + 1
+    return "variant runs there: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
 
 
 def promote(experiment: str | None = None, suite: str | None = None, dataset_digest: str | None = None,
@@ -227,11 +277,14 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if model_name:  # '' means the default (MLproject passes it so)
+        check_model_name(model_name)  # before anything is searched or registered
     client = mlflow.MlflowClient()
     where = f"suite run {suite}" if suite else f"experiment {_experiment_name(experiment)}"
     runs = candidates(experiment, suite)
     if not runs:
-        raise RegistryError(f"nothing to promote in {where}: no FINISHED run with a logged model and test_accuracy")
+        raise RegistryError(f"nothing to promote in {where}: no FINISHED run with a logged model and test_accuracy "
+                            f"({_what_is_there(experiment, suite)})")
     digest = _pick_digest(runs, dataset_digest, where)
     # Highest test accuracy; on a tie the earlier run, so that promoting again picks the same one.
     best = max((r for r in runs if r.data.tags["dataset_digest"] == digest),

@@ -39,7 +39,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
-        self.network = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
+        # safe_mode (Keras' default, stated): a Lambda layer's marshalled Python bytecode is refused.
+        self.network = keras.saving.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         with open(context.artifacts["class_names"]) as f:
             self.class_names = json.load(f)
         self.size = int(self.network.input_shape[1])

@@ -137,6 +137,8 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
     from tlkit.data import DataError
 
     specs_by_variant = child_specs(variants, overrides)
+    if promote and model_name:  # '' means the default name
+        registry.check_model_name(model_name)  # not after an hour of training
     tracking.use_experiment(experiment)
     tracking.check_reachable()
     failed: dict[str, str] = {}

@@ -127,10 +127,12 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
     import keras
     import mlflow
 
-    from tlkit import models, reports, spec as specs, tracking
+    from tlkit import features, models, reports, spec as specs, tracking
 
     tracking.use_experiment(experiment)
     tracking.check_reachable()
+    if not (spec["augment"] or spec["trainable_base"]):
+        features.FeatureCache(cache_dir).check_writable()  # now, not after the base's pass over the data
     keras.utils.set_random_seed(spec["seed"])
     # The base first: a weights file that does not fit fails before minutes of image decoding.
     base_model = models.load_base(spec["base"], spec["weights"], spec["image_size"], spec["seed"])
@@ -140,6 +142,8 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
 
     tags = {"variant": Path(variant).stem, "base": spec["base"], "dataset": dataset.name,
             "dataset_digest": dataset.digest}
+    if dataset.skipped_files:  # unreadable images, skipped with a warning: the run says how many
+        tags["skipped_files"] = str(len(dataset.skipped_files))
     with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:
         mlflow.set_tags(tags)
         # Under `mlflow run` the project already logged the parameters it was given, as typed
