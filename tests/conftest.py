@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,22 +49,30 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("shapes"))
 
 
+@contextlib.contextmanager
+def using_tracking(uri: str, tmp_path: Path, monkeypatch):
+    """Point MLflow (in-process and in subprocesses) at uri, cache in tmp_path; restore after."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # ./mlruns and ./mlartifacts land in tmp_path too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    # MLFLOW_EXPERIMENT_ID is exported by mlflow.set_experiment: clear it, or subprocesses inherit it.
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store and feature cache; cwd in tmp so ./mlruns lands there too."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.tracking.fluent._active_experiment_id = None
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    with using_tracking(f"sqlite:///{tmp_path}/mlflow.db", tmp_path, monkeypatch) as uri:
+        yield uri

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from tlkit import features
 from tlkit.cli import main
 
-from conftest import draw, make_image_folder
+from conftest import draw, make_image_folder, using_tracking
 from test_registry import clean_env, free_port, make_run, stop, wait_for
 
 FAST = ["--weights", "none", "--epochs", "1", "--batch-size", "8"]
@@ -489,13 +489,7 @@ def auth_server(tmp_path_factory):
 def test_train_and_promote_on_a_basic_auth_server(auth_server, image_folder, tmp_path, monkeypatch):
     from mlflow.server import get_app_client
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server)
-    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(auth_server)
-    try:
+    with using_tracking(auth_server, tmp_path, monkeypatch):
         # The admin creates a user through MLflow's client for the auth app.
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
@@ -532,9 +526,3 @@ def test_train_and_promote_on_a_basic_auth_server(auth_server, image_folder, tmp
         assert run.info.status == "FINISHED"
         champion = mlflow.MlflowClient().get_model_version_by_alias(f"{image_folder.name}-vgg16", "champion")
         assert champion.run_id == run.info.run_id
-    finally:
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-        mlflow.tracking.fluent._active_experiment_id = None
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

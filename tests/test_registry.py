@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from tlkit.cli import main
 
-from conftest import CLASSES, REPO, draw
+from conftest import CLASSES, REPO, draw, using_tracking
 
 FAST = {"weights": "none", "epochs": "2", "batch_size": "8"}
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
@@ -141,18 +141,8 @@ def mlflow_server(postgres_uri, tmp_path_factory):
 
 @pytest.fixture
 def on_server(mlflow_server, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.tracking.fluent._active_experiment_id = None
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    with using_tracking(mlflow_server, tmp_path, monkeypatch) as uri:
+        yield uri
 
 
 # --- end to end ----------------------------------------------------------------------------------

@@ -59,9 +59,10 @@ def friendly_errors(command):
             from tlkit.data import DataError
             from tlkit.features import FeatureCacheError
             from tlkit.models import ModelError
+            from tlkit.registry import RegistryError
             from tlkit.tracking import TrackingError
 
-            usage_errors += (DataError, ModelError)
+            usage_errors += (DataError, ModelError, RegistryError)
             runtime_errors += (TrackingError, FeatureCacheError)
         except ImportError:  # pragma: no cover - a broken install shows itself below
             pass
@@ -76,6 +77,13 @@ def friendly_errors(command):
             if debug:
                 raise
             raise click.ClickException(str(err)) from None
+        except Exception as err:
+            # Any other MLflow failure while running (the registry, the store): one line, exit 1.
+            from mlflow.exceptions import MlflowException
+
+            if debug or not isinstance(err, MlflowException):
+                raise
+            raise click.ClickException(f"MLflow: {str(err).strip().splitlines()[0][:300]}") from None
         except KeyboardInterrupt:
             click.echo("tlkit: interrupted; the run is marked KILLED", err=True)
             sys.exit(130)
@@ -242,30 +250,6 @@ def common_options(command):
     return command
 
 
-def registry_errors(command):
-    """registry.RegistryError is bad input (exit 2); an MLflow failure while running exits 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
-        from tlkit.registry import RegistryError
-
-        debug = click.get_current_context().find_root().params.get("debug")
-        try:
-            return command(*args, **kwargs)
-        except RegistryError as err:
-            if debug:
-                raise
-            raise click.UsageError(str(err)) from None
-        except MlflowException as err:
-            if debug:
-                raise
-            raise click.ClickException(f"MLflow: {str(err).strip().splitlines()[0][:300]}") from None
-
-    return wrapper
-
-
 _experiment_option = click.option("--experiment", default=None,
                                   help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
 _model_name_option = click.option("--model-name", default=None,
@@ -288,7 +272,6 @@ def _echo_promotion(promotion) -> None:
 @click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
               "move @champion to it if it beats the champion")
 @_model_name_option
-@registry_errors
 @friendly_errors
 def suite_command(variants: str, experiment: str | None, cache_dir: str | None, promote: bool,
                   model_name: str | None, **overrides) -> None:
@@ -323,7 +306,6 @@ def suite_command(variants: str, experiment: str | None, cache_dir: str | None, 
 @click.option("--suite", "suite_run", default=None, help="only the children of this suite run (its run id)")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               help="output format")
-@registry_errors
 @friendly_errors
 def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> None:
     """The variant runs of an experiment, best test accuracy first.
@@ -348,7 +330,6 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 @_model_name_option
 @click.option("--force", is_flag=True,
               help="move @champion even if the best run does not beat it or was tested on another dataset")
-@registry_errors
 @friendly_errors
 def promote_command(experiment: str | None, suite_run: str | None, dataset_digest: str | None,
                     model_name: str | None, force: bool) -> None:
@@ -370,7 +351,6 @@ def promote_command(experiment: str | None, suite_run: str | None, dataset_diges
 @click.option("--model", "model_uri", required=True,
               help="model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@registry_errors
 @friendly_errors
 def predict_command(model_uri: str, images: tuple[str, ...]) -> None:
     """Classify IMAGES (PNG or JPEG, any size): one line each, path<TAB>label<TAB>probability.
@@ -386,7 +366,6 @@ def predict_command(model_uri: str, images: tuple[str, ...]) -> None:
 @main.command("download")
 @click.option("--model", "model_uri", required=True, help="model URI, e.g. models:/cifar10-vgg16@champion")
 @click.option("--dst", required=True, type=click.Path(file_okay=False), help="new or empty folder to write it to")
-@registry_errors
 @friendly_errors
 def download_command(model_uri: str, dst: str) -> None:
     """Copy a model into a folder that loads without the tracking server.
