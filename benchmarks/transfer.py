@@ -41,7 +41,6 @@ transfer.md and results.json. The table is also printed and written to --output.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform

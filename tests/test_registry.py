@@ -359,13 +359,19 @@ def test_compare_formats_agree(tracking, tiny_network):
         assert j["dataset_digest"] == c["dataset_digest"] == DIGEST_A and t[8] == DIGEST_A[:12]
 
 
-def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path):
+def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path, monkeypatch):
+    from tlkit import data
+
+    loads = []
+    real_load = data.load
+    monkeypatch.setattr(data, "load", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
     broken = tmp_path / "broken.toml"
     broken.write_text('description = "a block VGG16 does not have"\nunfreeze = "block9"\n')
     result = CliRunner().invoke(main, ["suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
                                        "--weights", "none", "--epochs", "1", "--batch-size", "8"])
     assert result.exit_code == 1, result.output
     assert "1 of 2 variants failed" in result.output and "block9" in result.output
+    assert len(loads) == 1  # the children read the same data: decoded once for both
     [parent] = mlflow.search_runs(experiment_names=["Default"], filter_string="tags.suite_variants != ''",
                                   output_format="list")
     assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == str(broken)

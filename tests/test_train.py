@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlkit import data, spec as specs
+from tlkit import data, models, spec as specs
 from tlkit.cli import main
-from tlkit.train import train
+from tlkit.train import long_lived_objects_frozen, train
 
 from conftest import REPO
 
@@ -88,6 +88,65 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert set(out["label"]) <= set(dataset.class_names)
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
+
+
+def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
+    """The training view computes what the 3x3 conv computes and, under SGD (no sign-taking step
+    to amplify rounding, as Adam's first steps do), trains it to the same weights."""
+    import keras
+
+    spec = specs.load("conv_head", {"weights": "none", "conv_filters": 8, "units": 8, "optimizer": "sgd",
+                                    "momentum": 0.9, "learning_rate": 0.05})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 1, 1, 16)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 64), 3)
+
+    def head():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((1, 1, 16))
+        return keras.Model(inputs, models.HEADS["conv"](inputs, spec, 3))
+
+    plain, viewed = head(), head()
+    before = viewed.get_layer("head_conv").kernel.numpy().copy()
+    view = models.training_view(viewed)
+    assert view is not viewed
+    np.testing.assert_allclose(view.predict(x, verbose=0), viewed.predict(x, verbose=0), atol=1e-6)
+    # Only the centre tap is trained: 16x8 kernel entries instead of 3x3x16x8.
+    assert models.parameter_counts(view)[0] == models.parameter_counts(plain)[0] - 8 * 16 * 8
+    for model in (plain, view):
+        models.compile_for_training(model, spec, spec["learning_rate"], models.HEAD_STEPS_PER_EXECUTION)
+        model.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
+    models.write_back(view)
+    got, want = viewed.get_layer("head_conv").kernel.numpy(), plain.get_layer("head_conv").kernel.numpy()
+    assert np.abs(got[1, 1] - before[1, 1]).max() > 1e-3  # it trained
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    off_centre = np.ones((3, 3), bool)
+    off_centre[1, 1] = False
+    np.testing.assert_array_equal(got[off_centre], before[off_centre])  # as in the plain conv: never moved
+    np.testing.assert_allclose(viewed.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, regularized", [((2, 2, 16), False), ((1, 1, 16), True)])
+def test_a_conv_that_is_more_than_its_centre_trains_as_it_is(shape, regularized):
+    import keras
+
+    inputs = keras.Input(shape)
+    conv = keras.layers.Conv2D(4, 3, padding="same", kernel_regularizer=keras.regularizers.l2(0.01) if regularized else None)
+    model = keras.Model(inputs, conv(inputs))
+    assert models.training_view(model) is model
+
+
+def test_long_lived_objects_are_frozen_once_and_thawed_after():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with long_lived_objects_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with long_lived_objects_frozen():  # a suite's search: the suite's freeze stands
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):

@@ -102,6 +102,18 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
     assert all_run_ids() == every
 
 
+def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
+    # The trials train the conv through its centre tap (models.training_view) and save that form;
+    # the parent puts the best one back into the 3x3 conv of the logged network.
+    result = cli("tune", "--data", str(image_folder), *FAST, "--head", "conv", "--conv-filters", "8",
+                 "--max-trials", "2", "--search-dir", str(tmp_path / "search"))
+    assert result.exit_code == 0, result.output
+    [parent] = runs("search")
+    trial_runs = runs("trial")
+    check_trial_runs(trial_runs, parent.info.run_id, 2)
+    check_parent(parent, trial_runs, data.load(str(image_folder), seed=1995))
+
+
 @pytest.fixture
 def tracking_server(tracking, tmp_path, monkeypatch):
     """A real `mlflow server` on a free port of 127.0.0.1, proxying artifacts: what many machines share."""

@@ -8,7 +8,7 @@ The children run in this process, one after the other, not as `mlflow.projects.r
 TensorFlow starts once instead of once per variant (about 10 s each here), and the frozen
 variants (baseline, conv_head, l2, sgd, dropout) ask the feature cache for the same entry, so the
 first computes the features and the rest read them (their `feature_cache` tags say miss, then
-hit). finetune runs first: it caches below the block it unfreezes and stores the base's output
+hit), and the data is decoded once for all of them (shared_dataset). finetune runs first: it caches below the block it unfreezes and stores the base's output
 from those features too (train.frozen_features), so the whole suite makes one pass of the base;
 the tuner's trials read the same entry; augment runs the whole network every epoch. The cost of one process: a child that crashes the interpreter
 (out of memory) ends the suite; a child that raises is marked FAILED, the suite goes on, and the
@@ -71,16 +71,31 @@ def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
             for v in variants}
 
 
-def _run_child(variant: str, spec: dict, cache_dir: str | None):
+def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
     from tlkit import train
 
     if variant != "tune":
-        return train.train(variant, spec, cache_dir=cache_dir, nested=True)
+        return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
     if importlib.util.find_spec("tlkit.tune") is None:
         raise RuntimeError("tlkit.tune is not installed in this tlkit")
     from tlkit import tune
 
-    return tune.tune(spec, cache_dir=cache_dir, nested=True)
+    return tune.tune(spec, cache_dir=cache_dir, nested=True, dataset=dataset)
+
+
+def shared_dataset(specs_by_variant: dict[str, dict]):
+    """The children's data, loaded once when they all read the same (the usual case): decoding
+    full CIFAR-10 takes 8 s, and every child then sees the same snapshot of an image folder.
+    None when they differ; then each child loads its own."""
+    from tlkit import train
+
+    specs = list(specs_by_variant.values())
+    if len({tuple(str(s[k]) for k in train.DATA_FIELDS) for s in specs}) != 1:
+        return None
+    dataset = train.load_dataset(specs[0])
+    for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test, dataset.y_test):
+        array.flags.writeable = False  # a child that wrote into it would change the next child's data
+    return dataset
 
 
 def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None:
@@ -126,49 +141,61 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | None, dataset,
+                  suite_id: str) -> dict[str, str]:
+    """Each child in turn, nested under the suite's run; returns {variant: one-line error} of those that failed."""
+    import keras
+    import mlflow
+
+    from tlkit.data import DataError
+
+    failed: dict[str, str] = {}
+    for number, variant in enumerate(variants, 1):
+        log.info("suite: %s (%d of %d)", variant, number, len(variants))
+        started = int(time.time() * 1000)
+        try:
+            result = _run_child(variant, specs_by_variant[variant], cache_dir, dataset)
+            # Tagged, so that compare finds it even where it is not a direct child (a reopened search).
+            client = mlflow.MlflowClient()
+            client.set_tag(result.run_id, "suite", suite_id)
+            if not client.get_run(result.run_id).data.tags.get("variant"):
+                client.set_tag(result.run_id, "variant", variant)  # the tuner's run names no variant
+        except DataError:
+            raise  # every child reads the same data: the rest would fail the same way
+        except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            failed[variant] = f"{type(err).__name__}: {line}"
+            log.error("suite: %s failed: %s", variant, failed[variant])
+            while mlflow.active_run() and mlflow.active_run().info.run_id != suite_id:
+                mlflow.end_run("FAILED")  # a child left open by an error outside its own run()
+            _mark_failed(suite_id, variant, failed[variant], started)
+        finally:
+            keras.backend.clear_session()  # drop the finished child's graph and weights
+            gc.collect()
+    return failed
+
+
 def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = None, cache_dir: str | None = None,
               promote: bool = True, model_name: str | None = None) -> SuiteResult:
     """Run the children under one parent run, then compare and promote. Raises SuiteError at the
     end if any child failed (after comparing and promoting among the finished ones)."""
-    import keras
     import mlflow
 
-    from tlkit import registry, tracking
-    from tlkit.data import DataError
+    from tlkit import registry, tracking, train
 
     specs_by_variant = child_specs(variants, overrides)
     if promote and model_name:  # '' means the default name
         registry.check_model_name(model_name)  # not after an hour of training
     tracking.use_experiment(experiment)
     tracking.check_reachable()
-    failed: dict[str, str] = {}
     with tracking.run("suite", tags={"suite_variants": ",".join(variants)}) as parent:
         suite_id = parent.info.run_id
         given = mlflow.get_run(suite_id).data.params  # under `mlflow run` the project logged them
         params = {"variants": ",".join(variants), **{k: v for k, v in overrides.items() if v is not None}}
         mlflow.log_params({k: v for k, v in params.items() if k not in given})
-        for number, variant in enumerate(variants, 1):
-            log.info("suite: %s (%d of %d)", variant, number, len(variants))
-            started = int(time.time() * 1000)
-            try:
-                result = _run_child(variant, specs_by_variant[variant], cache_dir)
-                # Tagged, so that compare finds it even where it is not a direct child (a reopened search).
-                client = mlflow.MlflowClient()
-                client.set_tag(result.run_id, "suite", suite_id)
-                if not client.get_run(result.run_id).data.tags.get("variant"):
-                    client.set_tag(result.run_id, "variant", variant)  # the tuner's run names no variant
-            except DataError:
-                raise  # every child reads the same data: the rest would fail the same way
-            except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
-                line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                failed[variant] = f"{type(err).__name__}: {line}"
-                log.error("suite: %s failed: %s", variant, failed[variant])
-                while mlflow.active_run() and mlflow.active_run().info.run_id != suite_id:
-                    mlflow.end_run("FAILED")  # a child left open by an error outside its own run()
-                _mark_failed(suite_id, variant, failed[variant], started)
-            finally:
-                keras.backend.clear_session()  # drop the finished child's graph and weights
-                gc.collect()
+        dataset = shared_dataset(specs_by_variant)
+        with train.long_lived_objects_frozen():
+            failed = _run_children(variants, specs_by_variant, cache_dir, dataset, suite_id)
 
         rows = registry.compare(suite=suite_id)
         result = SuiteResult(run_id=suite_id, rows=rows, failed=failed)

@@ -181,8 +181,9 @@ def head_model(spec: dict, feature_shape: tuple, num_classes: int, compile: bool
     features = keras.Input(shape=tuple(feature_shape), name="features")
     model = keras.Model(features, models.HEADS[spec["head"]](features, spec, num_classes), name="trainable")
     if compile:
-        model.compile(optimizer=models.optimizer(spec["optimizer"], spec["learning_rate"], spec["momentum"]),
-                      loss="categorical_crossentropy", metrics=["accuracy"])
+        # What the trial trains, and what its checkpoint holds: models.training_view of the head.
+        model = models.training_view(model)
+        models.compile_for_training(model, spec, spec["learning_rate"], models.HEAD_STEPS_PER_EXECUTION)
     return model
 
 
@@ -416,17 +417,18 @@ def _resumable_parent(state: dict, folder: Path) -> str:
 
 def tune(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tuner: str = "random",
          workers: int = 0, search_dir: str | None = None, experiment: str | None = None,
-         cache_dir: str | None = None, nested: bool = False) -> Result:
+         cache_dir: str | None = None, nested: bool = False, dataset=None) -> Result:
     """Search the head's units, l2 and learning rate over a validated base spec; log the best network.
 
     workers=0 runs every trial in this process (unless keras-tuner's variables make it a chief);
     workers=N serves the oracle here and runs the trials in N worker processes on this machine.
     Returns train.Result for the parent run: the best trial's end-to-end network on the test set.
+    dataset: train.load_dataset(spec) done already (a suite loads once for all its children).
     """
     import keras
     import mlflow
 
-    from tlkit import tracking
+    from tlkit import tracking, train
     from tlkit.spec import SpecError
 
     check(spec, max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner, workers=workers)
@@ -436,7 +438,7 @@ def tune(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
                         "run it with `tlkit tune` (see tune.work)")
     tracking.use_experiment(experiment)
     tracking.check_reachable()
-    prepared = _prepare(spec, cache_dir)  # before any worker starts: they find the features in the cache
+    prepared = _prepare(spec, cache_dir, dataset)  # before any worker starts: they find the features in the cache
     dataset, network, cached = prepared.dataset, prepared.network, prepared.features
     what = identity(spec, dataset.digest, max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner)
     key = _digest(what)
@@ -478,7 +480,8 @@ def tune(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
             _run_chief(search, spec, folder, parent, workers=workers, max_trials=max_trials,
                        executions_per_trial=executions_per_trial, tuner=tuner, cache_dir=cache_dir)
         else:
-            search.search(*fit_args, **fit_kwargs)
+            with train.long_lived_objects_frozen():
+                search.search(*fit_args, **fit_kwargs)
         keras.utils.set_random_seed(spec["seed"])
         return _finish(search.oracle, context, spec, prepared, parent)
 
@@ -510,13 +513,15 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
     with tempfile.TemporaryDirectory() as tmp:
         files = _download_trial_files(best_run.info.run_id, Path(tmp) / "download")
         head = head_model(best_spec, cached.train.shape[1:], len(dataset.class_names), compile=False)
-        head.load_weights(files / "checkpoint.weights.h5")  # uncompiled: the trial's optimizer state stays out
-        head.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+        trained = models.training_view(head)  # the form the trial trained and saved
+        trained.load_weights(files / "checkpoint.weights.h5")  # uncompiled: the trial's optimizer state stays out
+        if trained is not head:
+            models.write_back(trained)
+        models.compile_for_evaluation(head)
         history = json.loads((files / "history.json").read_text())
-        network = models.build(best_spec, len(dataset.class_names))
-        # Exactly the base the cached features came from (with weights 'none' a second build is only
-        # the same if every random draw is), then the best epoch of the best trial's head.
-        network.extractor.set_weights(prepared.network.extractor.get_weights())
+        # On exactly the base the cached features came from (its layers, not a second build of it),
+        # the best epoch of the best trial's head.
+        network = models.build(best_spec, len(dataset.class_names), prepared.network.base)
         network.trainable.set_weights(head.get_weights())
         test_loss, test_accuracy = head.evaluate(cached.test, dataset.y_test, batch_size=256, verbose=0)
         probabilities = head.predict(cached.test, batch_size=256, verbose=0)
@@ -672,7 +677,7 @@ def work(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
     """
     import mlflow
 
-    from tlkit import tracking
+    from tlkit import tracking, train
     from tlkit.spec import SpecError
 
     check(spec, max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner, workers=0)
@@ -686,8 +691,6 @@ def work(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
     except mlflow.exceptions.MlflowException as err:
         raise SpecError(f"{PARENT_ENV}={parent} is not a search run on {mlflow.get_tracking_uri()}: "
                         f"{str(err).splitlines()[0][:200]}") from None
-    from tlkit import train
-
     dataset = train.load_dataset(spec)
     what = identity(spec, dataset.digest, max_trials=max_trials, executions_per_trial=executions_per_trial,
                     tuner=tuner)
@@ -703,7 +706,8 @@ def work(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
                         context, folder, max_trials=max_trials, executions_per_trial=executions_per_trial,
                         epochs=spec["epochs"])
     fit_args, fit_kwargs = _search_args(prepared, spec)
-    search.search(*fit_args, **fit_kwargs)
+    with train.long_lived_objects_frozen():
+        search.search(*fit_args, **fit_kwargs)
     return parent, search.trials_run
 
 
