@@ -131,3 +131,41 @@ def test_two_processes_computing_the_same_entry_both_finish(tmp_path):
     entry = features.FeatureCache(tmp_path).read(results[0][0])
     assert entry is not None and entry.hit
     assert [p.name for p in Path(tmp_path).iterdir()] == [results[0][0]]
+
+
+def _write_and_hang(root: str) -> None:
+    """A writer that stops for good while writing its first array, until it is killed."""
+    import time
+
+    def hang(*args, **kwargs):
+        while True:
+            time.sleep(1)
+
+    np.save = hang
+    features.FeatureCache(root).write("k" * 24, {"what": "hangs"}, images())
+
+
+def test_a_dead_writers_temporary_folder_is_swept_and_a_live_ones_is_not(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    writer = context.Process(target=_write_and_hang, args=(str(tmp_path),))
+    writer.start()
+    try:
+        for _ in range(600):
+            temporary = list(tmp_path.glob(".*.tmp-*"))
+            if temporary:
+                break
+            writer.join(timeout=0.1)
+        [folder] = temporary
+        old = folder.stat().st_mtime - 2 * features.SWEEP_GRACE_SECONDS
+        os.utime(folder, (old, old))  # past the grace period: only the lock says it is alive
+        cache = features.FeatureCache(tmp_path)
+        assert cache.sweep_dead_writers() == [] and folder.is_dir()
+        writer.kill()
+        writer.join(timeout=30)
+        fresh = tmp_path / ".x.tmp-young"
+        fresh.mkdir()  # unlocked but young: its writer may be about to lock it
+        cache.write(features.key_of(FIELDS), FIELDS, images())
+        assert not folder.exists() and fresh.is_dir()
+        assert cache.read(features.key_of(FIELDS)) is not None
+    finally:
+        writer.kill()

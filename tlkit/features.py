@@ -8,18 +8,21 @@ per epoch cannot come from a cache, so the `augment` variant runs the whole netw
 
 An entry is a folder `<cache-dir>/<key>/` with train.npy, val.npy, test.npy and meta.json (the
 fields of the key and a sha256 of each array file). It is written into a temporary folder and
-renamed into place, so a crash never leaves a half-written entry; it is verified on every read,
-and a corrupted entry is recomputed with a warning. Arrays are read memory-mapped.
+renamed into place, so a crash never leaves a half-written entry (the next write removes the
+temporary folders of writers that died); it is verified on every read, and a corrupted entry is
+recomputed with a warning. Arrays are read memory-mapped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the stored layout or the extractor's meaning changes
 SPLITS = ("train", "val", "test")
+SWEEP_GRACE_SECONDS = 60  # a temporary folder this young may belong to a writer about to lock it
 
 
 class FeatureCacheError(OSError):
@@ -129,13 +133,43 @@ class FeatureCache:
             return None
         return Features(**arrays, key=key, hit=True)
 
+    def sweep_dead_writers(self) -> list[Path]:
+        """Remove the temporary folders of writers that died (killed, out of memory, power cut).
+
+        A writer holds an flock on its temporary folder until it is done, and the kernel drops the
+        lock when the process dies, so an unlocked folder is a dead writer's. One younger than
+        SWEEP_GRACE_SECONDS is left alone: its writer may not have taken the lock yet.
+        """
+        removed = []
+        for folder in self.root.glob(".*.tmp-*"):
+            try:
+                if time.time() - folder.stat().st_mtime < SWEEP_GRACE_SECONDS:
+                    continue
+                fd = os.open(folder, os.O_RDONLY)
+            except OSError:
+                continue  # gone already, or not ours to open
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            finally:
+                os.close(fd)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        if removed:
+            log.info("feature cache: removed %d folder(s) left by writers that died", len(removed))
+        return removed
+
     def write(self, key: str, fields: dict, arrays: dict[str, np.ndarray]) -> None:
         """Write into a temporary folder, then rename it into place (atomic on one filesystem)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.sweep_dead_writers()
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
+            lock = os.open(tmp, os.O_RDONLY)
         except OSError as err:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until this writer is done or dead (sweep_dead_writers)
         try:
             checksums = {}
             for split in SPLITS:
@@ -156,6 +190,7 @@ class FeatureCache:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.close(lock)
 
     def get(self, fields: dict, extractor, images: dict[str, np.ndarray], batch_size: int = 128) -> Features:
         """Cached features for images {'train','val','test'}, computed in one pass on a miss."""
