@@ -68,6 +68,11 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
         assert len(client.get_metric_history(r.info.run_id, "val_loss")) >= 1
     if variant == "finetune":
         assert sorted(r.data.tags["stage"] for r in stage_runs) == ["finetune", "head"]
+        # The first stage trains the head alone on the cached base output: block5 does not run.
+        summaries = {r.data.tags["stage"]: mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/model_summary.txt")
+                     for r in stage_runs}
+        assert "block5" not in summaries["head"] and "head_dense" in summaries["head"]
+        assert "block5" in summaries["finetune"]
     # The logged model takes raw pixels and scores exactly what the run logged.
     dataset = data.load(str(image_folder), seed=1995)
     accuracy, _ = pyfunc_accuracy(f"runs:/{run.info.run_id}/model", dataset)
@@ -88,6 +93,16 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert set(out["label"]) <= set(dataset.class_names)
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
+
+
+def test_finetune_for_0_epochs_is_the_head_alone(image_folder, tracking):
+    result = cli("train", "finetune", "--data", str(image_folder), *FAST, "--finetune-epochs", "0")
+    assert result.exit_code == 0, result.output
+    run = only_run()
+    stages = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
+    assert [r.data.tags["stage"] for r in stages] == ["head"]
+    accuracy, _ = pyfunc_accuracy(f"runs:/{run.info.run_id}/model", data.load(str(image_folder), seed=1995))
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
 
 
 def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():

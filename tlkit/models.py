@@ -149,6 +149,9 @@ class Network:
     upper: object | None  # keras.Model: the base's block above the boundary, or None
     boundary: str  # name of the base layer whose output the extractor returns
     base: object = None  # the keras.applications model (include_top=False): what pre-training saves
+    # keras.Model: the base's output -> class probabilities, the head alone, when `upper` sits between
+    # (fine-tuning's first stage trains it on the cached base output); None when `trainable` is the head.
+    head: object = None
 
 
 def build(spec: dict, num_classes: int, base_model=None) -> Network:
@@ -186,6 +189,7 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
     x = upper(features, training=False) if upper is not None else features
     head = HEADS[spec["head"]](x, spec, num_classes)
     trainable = keras.Model(features, head, name="trainable")
+    head_alone = keras.Model(x, head, name="head") if upper is not None else None  # the same layers
 
     pixels = keras.Input(shape=(size, size, 3), name="pixels")
     x = preprocessing_layer(spec["base"], spec["preprocess"])(pixels)
@@ -198,7 +202,7 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
     base_mode = None if spec["trainable_base"] else False
     full = keras.Model(pixels, trainable(lower(x, training=base_mode)), name="full")
     return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary,
-                   base=base_model)
+                   base=base_model, head=head_alone)
 
 
 def set_unfrozen(network: Network, unfrozen: bool) -> None:
