@@ -101,6 +101,15 @@ def main(debug: bool) -> None:
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
 
 
+# Options that several commands share, defined once.
+_experiment_option = click.option("--experiment", default=None,
+                                  help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
+_cache_dir_option = click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
+                                 help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+_model_name_option = click.option("--model-name", default=None,
+                                  help="registered model name  [default: <dataset>-<base>, e.g. cifar10-vgg16]")
+
+
 @main.command("variants")
 def variants_command() -> None:
     """List the experiment variants in experiments/ with what each changes."""
@@ -114,9 +123,8 @@ def variants_command() -> None:
 @main.command("train")
 @click.argument("variant")
 @spec_options
-@click.option("--experiment", default=None, help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
-@click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
-              help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+@_experiment_option
+@_cache_dir_option
 @friendly_errors
 def train_command(variant: str, experiment: str | None, cache_dir: str | None, **overrides) -> None:
     """Train VARIANT (a name from `tlkit variants`, or a .toml spec file) and log it to MLflow.
@@ -158,7 +166,7 @@ def pretrain_options(command):
 @pretrain_options
 @click.option("--output", default=None,
               help="weights file to write, ending in .weights.h5  [default: ./pretrained/<base>-<sha256[:12]>.weights.h5]")
-@click.option("--experiment", default=None, help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
+@_experiment_option
 @friendly_errors
 def pretrain_command(output: str | None, experiment: str | None, **overrides) -> None:
     """Pre-train a base on a source data set; write its weights for `--weights <file>`.
@@ -198,9 +206,8 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 @click.option("--search-dir", default=None,
               help="keras-tuner's state: run again with the same folder to resume  "
                    "[default: <cache-dir>/searches/<tuner>-<search key>-<where>]")
-@click.option("--experiment", default=None, help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
-@click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
-              help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+@_experiment_option
+@_cache_dir_option
 @friendly_errors
 def tune_command(max_trials: int, executions_per_trial: int, tuner: str, workers: int, search_dir: str | None,
                  experiment: str | None, cache_dir: str | None, **overrides) -> None:
@@ -250,11 +257,6 @@ def common_options(command):
     return command
 
 
-_experiment_option = click.option("--experiment", default=None,
-                                  help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
-_model_name_option = click.option("--model-name", default=None,
-                                  help="registered model name  [default: <dataset>-<base>, e.g. cifar10-vgg16]")
-
 
 def _echo_promotion(promotion) -> None:
     click.echo(promotion.message)
@@ -267,8 +269,7 @@ def _echo_promotion(promotion) -> None:
                    "augment,finetune,tune")
 @common_options
 @_experiment_option
-@click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
-              help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
+@_cache_dir_option
 @click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
               "move @champion to it if it beats the champion")
 @_model_name_option

@@ -97,6 +97,8 @@ class Features:
     key: str
     hit: bool  # True when read from the cache, False when computed now
     derived_from: str = ""  # key of the lower entry these were computed from, if any
+    # The base's output for the same images, when these are from below it (fine-tuning's boundary).
+    base_output: Features | None = None
 
 
 class FeatureCache:
@@ -114,6 +116,10 @@ class FeatureCache:
                 pass
         except OSError as err:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
+
+    def has(self, key: str) -> bool:
+        """Whether an entry is there (unverified: read checks it)."""
+        return (self._entry(key) / "meta.json").is_file()
 
     def read(self, key: str) -> Features | None:
         """The verified entry, or None if absent or corrupted (then it is removed)."""

@@ -140,34 +140,26 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None):
     shared_cut = models.boundary_layer(base, models.BASES[spec["base"]].last_block)
     top_fields = features.key_fields(spec, dataset.digest, output_layer)
 
-    def derive(lower: features.Features, top) -> None:
+    def derive(lower: features.Features, top) -> features.Features:
         arrays = {split: top.predict(getattr(lower, split), batch_size=256, verbose=0) for split in features.SPLITS}
         cache.write(features.key_of(top_fields), top_fields, arrays)
+        derived = cache.read(features.key_of(top_fields))
+        derived.hit, derived.derived_from = False, lower.key
+        return derived
 
     if network.boundary == output_layer:
-        key = features.key_of(fields)
-        if cache.read(key) is None:
+        if not cache.has(features.key_of(fields)):
             lower = cache.read(features.key_of(features.key_fields(spec, dataset.digest, shared_cut)))
             if lower is not None:
                 log.info("feature cache: deriving %s features from the %s entry", output_layer, shared_cut)
-                derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
-                derived = cache.read(key)
-                derived.hit, derived.derived_from = False, lower.key
-                return derived
+                return derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
         return cache.get(fields, network.extractor, images)
 
     got = cache.get(fields, network.extractor, images)
-    if network.boundary == shared_cut and network.upper is not None and cache.read(features.key_of(top_fields)) is None:
-        derive(got, network.upper)  # still the loaded weights: fine-tuning has not started
+    if network.boundary == shared_cut and network.upper is not None:
+        # still the loaded weights: fine-tuning has not started
+        got.base_output = cache.read(features.key_of(top_fields)) or derive(got, network.upper)
     return got
-
-
-def base_output_features(network, dataset, spec: dict, cache_dir: str | None = None):
-    """The cached base output that frozen_features stores beside fine-tuning's lower entry, or None."""
-    from tlkit import features
-
-    fields = features.key_fields(spec, dataset.digest, network.base.layers[-1].name)
-    return features.FeatureCache(cache_dir).read(features.key_of(fields))
 
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
@@ -219,9 +211,8 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
                              "feature_boundary": network.boundary})
             model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test}
             steps_per_execution = models.HEAD_STEPS_PER_EXECUTION
-            if network.head is not None:
-                top = base_output_features(network, dataset, spec, cache_dir)
-                head_inputs = None if top is None else {"train": top.train, "val": top.val}
+            if cached.base_output is not None:
+                head_inputs = {"train": cached.base_output.train, "val": cached.base_output.val}
 
         history, stage_starts = _train_stages(network, model, inputs, dataset, spec, steps_per_execution, head_inputs)
         if not model.compiled:  # fine-tuning for 0 epochs trained the head alone
