@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue as queue_module
 import resource
 import tarfile
 import tempfile
@@ -137,7 +138,14 @@ def in_child(target, *args):
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
+    # Poll: a child killed outright (out of memory, a signal) never puts its result.
+    while True:
+        try:
+            result = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise SystemExit(f"{target.__name__} died with exit code {process.exitcode} before reporting")
     process.join()
     if process.exitcode != 0:
         raise SystemExit(f"{target.__name__} failed with exit code {process.exitcode}")
