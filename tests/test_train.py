@@ -141,6 +141,40 @@ def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
     np.testing.assert_allclose(viewed.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-5)
 
 
+def test_fit_is_the_seeds_model_fit_to_the_last_digit():
+    """train.fit states validation_steps (one validation iterator an epoch, not two) and trains a
+    view: neither may change a number against the seed's plain model.fit. Partial last batches
+    in both splits, shuffling on."""
+    import types
+
+    import keras
+
+    from tlkit import train
+
+    spec = specs.load("baseline", {"weights": "none", "units": 8, "batch_size": 8, "patience": 0})
+    rng = np.random.default_rng(0)
+    x = {"train": rng.normal(size=(100, 1, 1, 16)).astype("float32"),
+         "val": rng.normal(size=(20, 1, 1, 16)).astype("float32")}
+    dataset = types.SimpleNamespace(y_train=keras.utils.to_categorical(rng.integers(0, 3, 100), 3),
+                                    y_val=keras.utils.to_categorical(rng.integers(0, 3, 20), 3))
+
+    def head():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((1, 1, 16))
+        return keras.Model(inputs, models.HEADS["dense"](inputs, spec, 3))
+
+    ours = train.fit(head(), x, dataset, spec, epochs=4, learning_rate=1e-2,
+                     steps_per_execution=models.HEAD_STEPS_PER_EXECUTION)
+    seeds = head()
+    models.compile_for_training(seeds, spec, 1e-2, models.HEAD_STEPS_PER_EXECUTION)
+    keras.utils.set_random_seed(3)
+    want = seeds.fit(x["train"], dataset.y_train, validation_data=(x["val"], dataset.y_val), epochs=4,
+                     batch_size=8, verbose=0).history
+    assert set(ours) == set(want) and len(want["val_loss"]) == 4
+    for key in want:
+        assert ours[key] == want[key], key
+
+
 @pytest.mark.parametrize("shape, regularized", [((2, 2, 16), False), ((1, 1, 16), True)])
 def test_a_conv_that_is_more_than_its_centre_trains_as_it_is(shape, regularized):
     import keras

@@ -72,7 +72,7 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     import mlflow
 
     from tlkit import features, models, tracking
-    from tlkit.train import _fit, load_dataset
+    from tlkit.train import fit, load_dataset
 
     chosen = check_output(output)
     folder = chosen.parent if chosen is not None else Path(DEFAULT_FOLDER)
@@ -102,8 +102,8 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
             tracking.log_dataset(dataset)
 
             images = {"train": dataset.x_train, "val": dataset.x_val}
-            history = _fit(network.full, images, dataset, spec, epochs=spec["epochs"],
-                           learning_rate=spec["learning_rate"], steps_per_execution=1)  # the whole base trains
+            history = fit(network.full, images, dataset, spec, epochs=spec["epochs"],
+                          learning_rate=spec["learning_rate"], steps_per_execution=1)  # the whole base trains
             test_loss, test_accuracy = network.full.evaluate(dataset.x_test, dataset.y_test, batch_size=256, verbose=0)
             mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
                                 "epochs_run": float(len(history.get("loss", [])))})

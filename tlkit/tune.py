@@ -233,14 +233,15 @@ class TrackedTrials:
 
         from tlkit import tracking
 
-        finished = _trial_runs(self.context, trial.trial_id, "FINISHED")
+        earlier = _trial_runs(self.context, trial.trial_id)  # one query: FINISHED and RUNNING both matter
+        finished = [r for r in earlier if r.info.status == "FINISHED"]
         if finished:
             # It ran to the end, but the oracle never heard (a process died in between): report its
             # logged score instead of training and logging the same trial twice.
             log.info("trial %s already has a finished run %s: reusing its score", trial.trial_id,
                      finished[0].info.run_id)
             return {OBJECTIVE: finished[0].data.metrics["score"]}
-        for stale in _trial_runs(self.context, trial.trial_id, "RUNNING"):
+        for stale in (r for r in earlier if r.info.status == "RUNNING"):
             # The oracle hands a trial out again only once its last attempt is over: that process is gone.
             mlflow.MlflowClient().set_terminated(stale.info.run_id, "KILLED")
 
@@ -374,13 +375,16 @@ def _prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
 def _search_args(prepared: Prepared, spec: dict) -> tuple[tuple, dict]:
     import keras
 
+    from tlkit import train
+
     callbacks = []
     if spec["patience"] > 0:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
                                                        restore_best_weights=spec["restore_best_weights"]))
     d, f = prepared.dataset, prepared.features
     return (f.train, d.y_train), dict(validation_data=(f.val, d.y_val), epochs=spec["epochs"],
-                                      batch_size=spec["batch_size"], callbacks=callbacks, verbose=2)
+                                      batch_size=spec["batch_size"], callbacks=callbacks, verbose=2,
+                                      validation_steps=train.validation_steps(len(d.y_val), spec["batch_size"]))
 
 
 def _read_state(folder: Path) -> dict | None:
