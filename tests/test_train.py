@@ -93,6 +93,14 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert set(out["label"]) <= set(dataset.class_names)
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
+    # A small request goes through the network in one call, a big one through predict in batches:
+    # the same numbers either way.
+    few = dataset.x_test[:5]
+    many = np.concatenate([few] * 20)  # 100 images: more than serving.ONE_CALL_IMAGES
+    one_call, batched = model.predict(few), model.predict(many)
+    np.testing.assert_allclose(np.stack(one_call["probabilities"]), np.stack(batched["probabilities"][:5]),
+                               atol=1e-6)
+    assert list(one_call["label"]) == list(batched["label"][:5])
 
 
 def test_finetune_for_0_epochs_is_the_head_alone(image_folder, tracking):
