@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import mlflow
 import numpy as np
@@ -87,7 +88,10 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert labels == [dataset.class_names[i] for i in result.test_predictions]
     assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
     # Any size and grayscale work too: the pyfunc resizes and adds channels.
-    model = mlflow.pyfunc.load_model(result.model_uri)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model(result.model_uri)
+    assert not [w for w in caught if "type hint" in str(w.message)]  # predict is annotated
     big_gray = np.random.default_rng(0).integers(0, 255, (2, 50, 70, 1)).astype(np.uint8)
     out = model.predict(big_gray)
     assert list(out.columns) == ["label", "probability", "probabilities"]

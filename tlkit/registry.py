@@ -349,7 +349,7 @@ def load(model_uri: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        with warnings.catch_warnings():  # serving.py states its contract in the signature, not type hints
+        with warnings.catch_warnings():  # models logged before serving.py annotated predict warn on load
             warnings.filterwarnings("ignore", message=".*type hints.*")
             return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:

@@ -47,7 +47,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.class_names = json.load(f)
         self.size = int(self.network.input_shape[1])
 
-    def predict(self, context, model_input, params=None):
+    # Annotated np.ndarray: MLflow then checks requests against the logged signature (uint8 images
+    # of any size) and neither infers a schema from the hint nor warns that there is none.
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         pixels = to_network_input(model_input, self.size)
         if len(pixels) <= ONE_CALL_IMAGES:
             # A request of a few images: one direct call. network.predict would first trace a graph
