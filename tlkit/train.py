@@ -77,12 +77,12 @@ def _train_stages(network, model, inputs, dataset, spec, steps_per_execution: in
 
     if not spec["unfreeze"]:
         return fit(model, inputs, dataset, spec, epochs=spec["epochs"], learning_rate=spec["learning_rate"],
-                    steps_per_execution=steps_per_execution), []
+                   steps_per_execution=steps_per_execution), []
 
     first, first_inputs = (network.head, head_inputs) if head_inputs is not None else (model, inputs)
     with tracking.run("head", nested=True, tags={"stage": "head"}):
         history = fit(first, first_inputs, dataset, spec, epochs=spec["epochs"],
-                       learning_rate=spec["learning_rate"], steps_per_execution=steps_per_execution)
+                      learning_rate=spec["learning_rate"], steps_per_execution=steps_per_execution)
     starts = []
     if spec["finetune_epochs"] > 0:
         models.set_unfrozen(network, True)  # a change of `trainable` takes effect at the next compile
@@ -90,7 +90,7 @@ def _train_stages(network, model, inputs, dataset, spec, steps_per_execution: in
         with tracking.run("finetune", nested=True, tags={"stage": "finetune", "unfrozen": spec["unfreeze"]}):
             mlflow.log_param("unfrozen", spec["unfreeze"])
             more = fit(model, inputs, dataset, spec, epochs=spec["finetune_epochs"],
-                        learning_rate=spec["finetune_learning_rate"], steps_per_execution=steps_per_execution)
+                       learning_rate=spec["finetune_learning_rate"], steps_per_execution=steps_per_execution)
         history = {k: history.get(k, []) + more.get(k, []) for k in set(history) | set(more)}
     return history, starts
 
