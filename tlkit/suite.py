@@ -8,11 +8,12 @@ The children run in this process, one after the other, not as `mlflow.projects.r
 TensorFlow starts once instead of once per variant (about 10 s each here), and the frozen
 variants (baseline, conv_head, l2, sgd, dropout) ask the feature cache for the same entry, so the
 first computes the features and the rest read them (their `feature_cache` tags say miss, then
-hit), and the data is decoded once for all of them (shared_dataset). finetune runs first: it caches below the block it unfreezes and stores the base's output
-from those features too (train.frozen_features), so the whole suite makes one pass of the base;
-the tuner's trials read the same entry; augment runs the whole network every epoch. The cost of one process: a child that crashes the interpreter
-(out of memory) ends the suite; a child that raises is marked FAILED, the suite goes on, and the
-suite fails at the end.
+hit), and the data is decoded once for all of them (shared_dataset). finetune runs first: it
+caches below the block it unfreezes and stores the base's output from those features too
+(train.frozen_features), so the whole suite makes one pass of the base; the tuner's trials read
+the same entry; augment runs the whole network every epoch. The cost of one process: a child that
+crashes the interpreter (out of memory) ends the suite; a child that raises is marked FAILED, the
+suite goes on, and the suite fails at the end.
 """
 
 from __future__ import annotations

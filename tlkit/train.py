@@ -29,34 +29,35 @@ class Result:
     test_predictions: np.ndarray  # predicted class index per test image, from the trained network
 
 
-def validation_steps(count: int, batch_size: int) -> int | None:
-    """The validation batches of an epoch, stated: Keras then reuses one validation iterator per epoch.
+def fit_options(spec: dict, x_val, y_val, epochs: int) -> dict:
+    """model.fit's keywords besides the training data, the seed's: batch size, epochs, validation
+    every epoch, early stopping when the spec's patience is above 0. train.fit and tune's trials use them.
 
-    Without it Keras builds a fresh tf.data iterator at the start of every validation and another,
-    never used, at its end (about 14 ms each here); the batches and the numbers are the same.
+    The validation batches are stated (validation_steps): Keras then reuses one validation iterator
+    per epoch, where otherwise it builds a fresh tf.data iterator at the start of every validation
+    and another, never used, at its end (about 14 ms each here); the batches and numbers are the same.
     """
-    return math.ceil(count / batch_size) if count else None
+    import keras
+
+    callbacks = []
+    if spec["patience"] > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
+                                                       restore_best_weights=spec["restore_best_weights"], verbose=1))
+    return dict(validation_data=(x_val, y_val), validation_steps=math.ceil(len(y_val) / spec["batch_size"]) or None,
+                epochs=epochs, batch_size=spec["batch_size"], callbacks=callbacks, verbose=2)
 
 
 def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float,
         steps_per_execution: int) -> dict[str, list[float]]:
     """Compile model for training and fit it on inputs['train'] against dataset's labels, validating
     on inputs['val'] every epoch; returns the history. One autologged fit: call it inside its own run."""
-    import keras
-
     from tlkit import models
 
     fitted = models.training_view(model)  # the same weights; a conv on a 1x1 map trains as a product
     models.compile_for_training(fitted, spec, learning_rate, steps_per_execution)
     trainable, frozen = models.parameter_counts(fitted)
     log.info("training %s: %d trainable, %d frozen parameters, lr %g", model.name, trainable, frozen, learning_rate)
-    callbacks = []
-    if spec["patience"] > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
-                                                       restore_best_weights=spec["restore_best_weights"], verbose=1))
-    history = fitted.fit(inputs["train"], dataset.y_train, validation_data=(inputs["val"], dataset.y_val),
-                         epochs=epochs, batch_size=spec["batch_size"], callbacks=callbacks, verbose=2,
-                         validation_steps=validation_steps(len(dataset.y_val), spec["batch_size"]))
+    history = fitted.fit(inputs["train"], dataset.y_train, **fit_options(spec, inputs["val"], dataset.y_val, epochs))
     if fitted is not model:
         models.write_back(fitted)
         models.compile_for_evaluation(model)

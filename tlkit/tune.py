@@ -373,18 +373,10 @@ def _prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
 
 
 def _search_args(prepared: Prepared, spec: dict) -> tuple[tuple, dict]:
-    import keras
-
     from tlkit import train
 
-    callbacks = []
-    if spec["patience"] > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
-                                                       restore_best_weights=spec["restore_best_weights"]))
     d, f = prepared.dataset, prepared.features
-    return (f.train, d.y_train), dict(validation_data=(f.val, d.y_val), epochs=spec["epochs"],
-                                      batch_size=spec["batch_size"], callbacks=callbacks, verbose=2,
-                                      validation_steps=train.validation_steps(len(d.y_val), spec["batch_size"]))
+    return (f.train, d.y_train), train.fit_options(spec, f.val, d.y_val, spec["epochs"])
 
 
 def _read_state(folder: Path) -> dict | None:
