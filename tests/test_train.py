@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
 import warnings
+import zipfile
 
+import h5py
 import mlflow
 import numpy as np
 import pytest
@@ -78,6 +82,15 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
     dataset = data.load(str(image_folder), seed=1995)
     accuracy, _ = pyfunc_accuracy(f"runs:/{run.info.run_id}/model", dataset)
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    # model.keras is compiled for evaluation: Keras's own optimizer, unbuilt, so no training state
+    # and nothing of tlkit's in it (a user's plain keras.saving.load_model reads it: see below).
+    keras_file = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model/artifacts/model.keras")
+    with zipfile.ZipFile(keras_file) as archive:
+        optimizer = json.loads(archive.read("config.json"))["compile_config"]["optimizer"]
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+            optimizer_state = [name for name in weights.get("optimizer/vars", {})]
+    assert optimizer["module"] == "keras.optimizers" and "tlkit" not in json.dumps(optimizer), optimizer
+    assert len(optimizer_state) <= 2, optimizer_state  # iterations and learning rate at most
 
 
 def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, tracking):

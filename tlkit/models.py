@@ -320,8 +320,9 @@ def compile_for_evaluation(model) -> None:
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-    import keras
+    """Keras's Adam or SGD, each variable updated by one fused TensorFlow kernel (tlkit/optimizers.py)."""
+    from tlkit import optimizers
 
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+        return optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    return optimizers.Adam(learning_rate=learning_rate)

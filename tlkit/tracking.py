@@ -169,6 +169,12 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     )
     requirements = [f"{name}=={md.version(name)}" for name in ("mlflow", "tensorflow", "keras", "pillow",
                                                                 "numpy", "pandas")]
+    from tlkit import models
+
+    # Saved compiled for evaluation, not as it trained: a training compile would write the optimizer
+    # into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot find)
+    # with its slot variables (twice the size of the trained weights).
+    models.compile_for_evaluation(network)
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         network.save(keras_path)
