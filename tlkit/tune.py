@@ -376,7 +376,7 @@ def _search_args(prepared: Prepared, spec: dict) -> tuple[tuple, dict]:
     from tlkit import train
 
     d, f = prepared.dataset, prepared.features
-    return (f.train, d.y_train), train.fit_options(spec, f.val, d.y_val, spec["epochs"])
+    return (f.train, d.y_train), train.fit_options(spec, len(d.y_train), f.val, d.y_val, spec["epochs"])
 
 
 def _read_state(folder: Path) -> dict | None:
