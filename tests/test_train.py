@@ -200,6 +200,31 @@ def test_fit_is_the_seeds_model_fit_to_the_last_digit():
         assert ours[key] == want[key], key
 
 
+def test_score_is_what_keras_evaluate_and_predict_say():
+    """train.score calls the model eagerly in chunks; the numbers are model.evaluate's and
+    model.predict's: inference mode (dropout off, BatchNorm's moving statistics), a partial last chunk."""
+    import keras
+
+    from tlkit import train
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((1, 1, 16))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(32, activation="relu")(x))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Dropout(0.5)(x))
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(1)
+    x_train, x_test = (rng.normal(size=(n, 1, 1, 16)).astype("float32") for n in (64, train.SCORE_BATCH + 44))
+    y_train, y_test = (keras.utils.to_categorical(rng.integers(0, 3, n), 3) for n in (64, len(x_test)))
+    models.compile_for_training(model, specs.load("baseline", {"weights": "none"}), 1e-2)
+    model.fit(x_train, y_train, epochs=2, verbose=0)  # moving statistics away from their initial values
+    loss, accuracy, probabilities = train.score(model, x_test, y_test)
+    want_loss, want_accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+    np.testing.assert_allclose(probabilities, model.predict(x_test, verbose=0), atol=1e-6)
+    assert loss == pytest.approx(want_loss, abs=1e-5) and accuracy == pytest.approx(want_accuracy, abs=1e-7)
+    assert probabilities.shape == (len(x_test), 3)
+
+
 @pytest.mark.parametrize("shape, regularized", [((2, 2, 16), False), ((1, 1, 16), True)])
 def test_a_conv_that_is_more_than_its_centre_trains_as_it_is(shape, regularized):
     import keras

@@ -72,7 +72,7 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     import mlflow
 
     from tlkit import features, models, tracking
-    from tlkit.train import fit, load_dataset
+    from tlkit.train import fit, load_dataset, score
 
     chosen = check_output(output)
     folder = chosen.parent if chosen is not None else Path(DEFAULT_FOLDER)
@@ -104,7 +104,7 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
             images = {"train": dataset.x_train, "val": dataset.x_val}
             history = fit(network.full, images, dataset, spec, epochs=spec["epochs"],
                           learning_rate=spec["learning_rate"], steps_per_execution=1)  # the whole base trains
-            test_loss, test_accuracy = network.full.evaluate(dataset.x_test, dataset.y_test, batch_size=256, verbose=0)
+            test_loss, test_accuracy, _ = score(network.full, dataset.x_test, dataset.y_test)
             mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
                                 "epochs_run": float(len(history.get("loss", [])))})
             log.info("source test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss,

@@ -71,8 +71,26 @@ def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float,
                          **fit_options(spec, len(dataset.y_train), inputs["val"], dataset.y_val, epochs))
     if fitted is not model:
         models.write_back(fitted)
-        models.compile_for_evaluation(model)
     return history.history
+
+
+# Test images per call when scoring a trained model. Keras's evaluate and predict would each trace a
+# graph for a model they see once, and trace again for the last, partial batch: 0.4-0.7 s for a
+# head on 1,000 cached test features, against 0.02-0.06 s for these eager calls.
+SCORE_BATCH = 256
+
+
+def score(model, x, y) -> tuple[float, float, np.ndarray]:
+    """Test loss (the seed's categorical cross-entropy, averaged), accuracy and class probabilities
+    of model on inputs x with one-hot labels y; inference mode (dropout off, BatchNorm's moving
+    statistics), as model.evaluate would."""
+    import keras
+
+    probabilities = np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + SCORE_BATCH]), training=False))
+                                    for i in range(0, len(x), SCORE_BATCH)])
+    loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))))
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
+    return loss, accuracy, probabilities
 
 
 def _train_stages(network, model, inputs, dataset, spec, steps_per_execution: int,
@@ -240,10 +258,7 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
                 head_inputs = {"train": cached.base_output.train, "val": cached.base_output.val}
 
         history, stage_starts = _train_stages(network, model, inputs, dataset, spec, steps_per_execution, head_inputs)
-        if not model.compiled:  # fine-tuning for 0 epochs trained the head alone
-            models.compile_for_evaluation(model)
-        test_loss, test_accuracy = model.evaluate(inputs["test"], dataset.y_test, batch_size=256, verbose=0)
-        probabilities = model.predict(inputs["test"], batch_size=256, verbose=0)
+        test_loss, test_accuracy, probabilities = score(model, inputs["test"], dataset.y_test)
         mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
                             "epochs_run": float(len(history.get("loss", [])))})
         log.info("test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss, len(dataset.x_test))

@@ -487,7 +487,7 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
     import mlflow
     from keras_tuner.src.engine import trial as trial_module
 
-    from tlkit import models, reports, tracking
+    from tlkit import models, reports, tracking, train
     from tlkit.train import Result
 
     trials = list(oracle.trials.values())
@@ -512,14 +512,12 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
         trained = models.training_view(head)  # the form the trial trained and saved
         trained.load_weights(files / "checkpoint.weights.h5")  # uncompiled: the trial's optimizer state stays out
         models.write_back(trained)  # into head's convs; nothing to do when trained is head
-        models.compile_for_evaluation(head)
         history = json.loads((files / "history.json").read_text())
         # On exactly the base the cached features came from (its layers, not a second build of it),
         # the best epoch of the best trial's head.
         network = models.build(best_spec, len(dataset.class_names), prepared.network.base)
         network.trainable.set_weights(head.get_weights())
-        test_loss, test_accuracy = head.evaluate(cached.test, dataset.y_test, batch_size=256, verbose=0)
-        probabilities = head.predict(cached.test, batch_size=256, verbose=0)
+        test_loss, test_accuracy, probabilities = train.score(head, cached.test, dataset.y_test)
         log.info("best trial %s (%s): val_accuracy %.4f, test accuracy %.2f%% (loss %.4f)", best.trial_id,
                  ", ".join(f"{k}={v:.4g}" for k, v in values.items()), best.score, 100 * test_accuracy, test_loss)
 
