@@ -162,6 +162,8 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
 
+    from tlkit import models
+
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
@@ -169,8 +171,6 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     )
     requirements = [f"{name}=={md.version(name)}" for name in ("mlflow", "tensorflow", "keras", "pillow",
                                                                 "numpy", "pandas")]
-    from tlkit import models
-
     # Saved compiled for evaluation, not as it trained: a training compile would write the optimizer
     # into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot find)
     # with its slot variables (twice the size of the trained weights).

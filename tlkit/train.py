@@ -34,12 +34,12 @@ def fit_options(spec: dict, train_count: int, x_val, y_val, epochs: int) -> dict
     every epoch, early stopping when the spec's patience is above 0. train.fit and tune's trials use them.
 
     The batches are the seed's, in the seed's order; what changes is how often Keras builds a
-    tf.data iterator for them (15-35 ms each here, 10 epochs of a head take 2-4 s). Keras builds the
-    training iterator twice an epoch, once never used, unless the steps are stated
-    (steps_per_epoch); it builds the validation one twice as well unless they are stated
-    (validation_steps), and its array pipeline (shuffling, a parallel gather) costs more to start
-    than the plain batched dataset the unshuffled validation needs. Each measured alone: the same
-    history to the last digit (tests/test_train.py), 10 epochs of the Dense head 0.1-0.5 s faster.
+    tf.data iterator for them (15-35 ms each here, 10 epochs of a head take 2-4 s). Keras builds two
+    training iterators an epoch, one never used, unless the steps are stated (steps_per_epoch); the
+    same for validation unless they are stated (validation_steps), and its array pipeline
+    (shuffling, a parallel gather) costs more to start than the plain batched dataset the
+    unshuffled validation needs. The same history to the last digit (tests/test_train.py); 10
+    epochs of the Dense head 0.1-0.5 s faster.
     """
     import keras
     import tensorflow as tf
