@@ -110,7 +110,7 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert set(out["label"]) <= set(dataset.class_names)
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
-    # A small request goes through the network in one call, a big one through predict in batches:
+    # A small request goes through the network in one call, a big one in chunks of ONE_CALL_IMAGES:
     # the same numbers either way.
     few = dataset.x_test[:5]
     many = np.concatenate([few] * 20)  # 100 images: more than serving.ONE_CALL_IMAGES
@@ -201,8 +201,8 @@ def test_fit_is_the_seeds_model_fit_to_the_last_digit():
 
 
 def test_score_is_what_keras_evaluate_and_predict_say():
-    """train.score calls the model eagerly in chunks; the numbers are model.evaluate's and
-    model.predict's: inference mode (dropout off, BatchNorm's moving statistics), a partial last chunk."""
+    """train.score calls the model eagerly in chunks (models.infer); the numbers are model.evaluate's
+    and model.predict's: inference mode (dropout off, BatchNorm's moving statistics), a partial last chunk."""
     import keras
 
     from tlkit import train
@@ -214,7 +214,7 @@ def test_score_is_what_keras_evaluate_and_predict_say():
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Dropout(0.5)(x))
     model = keras.Model(inputs, outputs)
     rng = np.random.default_rng(1)
-    x_train, x_test = (rng.normal(size=(n, 1, 1, 16)).astype("float32") for n in (64, train.SCORE_BATCH + 44))
+    x_train, x_test = (rng.normal(size=(n, 1, 1, 16)).astype("float32") for n in (64, models.INFERENCE_BATCH + 44))
     y_train, y_test = (keras.utils.to_categorical(rng.integers(0, 3, n), 3) for n in (64, len(x_test)))
     models.compile_for_training(model, specs.load("baseline", {"weights": "none"}), 1e-2)
     model.fit(x_train, y_train, epochs=2, verbose=0)  # moving statistics away from their initial values

@@ -308,6 +308,21 @@ def write_back(view) -> None:
 HEAD_STEPS_PER_EXECUTION = 32
 
 
+# Inputs per eager call when a trained network runs in inference. Keras's predict and evaluate
+# would trace a graph for a model they see once, and trace again for the last, partial batch:
+# 0.4-0.7 s for a head on 1,000 cached test features, against 0.02-0.06 s for these calls.
+INFERENCE_BATCH = 256
+
+
+def infer(model, x) -> np.ndarray:
+    """model's outputs on x in inference mode (dropout off, BatchNorm's moving statistics), by eager
+    calls on chunks of INFERENCE_BATCH: the numbers model.predict gives (tests/test_train.py)."""
+    import keras
+
+    return np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + INFERENCE_BATCH]), training=False))
+                           for i in range(0, len(x), INFERENCE_BATCH)])
+
+
 def compile_for_training(model, spec: dict, learning_rate: float, steps_per_execution: int = 1) -> None:
     """The seed's loss and metric with the spec's optimizer: every training compile goes through here."""
     model.compile(optimizer=optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
