@@ -167,9 +167,9 @@ def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
 
 
 def test_fit_is_the_seeds_model_fit_to_the_last_digit():
-    """train.fit states validation_steps (one validation iterator an epoch, not two) and trains a
-    view: neither may change a number against the seed's plain model.fit. Partial last batches
-    in both splits, shuffling on."""
+    """train.fit states validation_steps (one validation iterator an epoch, not two), builds the
+    optimizer and metrics before fit and trains a view: none may change a number against the
+    seed's plain compile and model.fit. Partial last batches in both splits, shuffling on."""
     import types
 
     import keras
@@ -190,8 +190,10 @@ def test_fit_is_the_seeds_model_fit_to_the_last_digit():
 
     ours = train.fit(head(), x, dataset, spec, epochs=4, learning_rate=1e-2,
                      steps_per_execution=models.HEAD_STEPS_PER_EXECUTION)
-    seeds = head()
-    models.compile_for_training(seeds, spec, 1e-2, models.HEAD_STEPS_PER_EXECUTION)
+    seeds = head()  # compiled as the seed compiles: Keras builds the optimizer and metrics inside fit
+    seeds.compile(optimizer=models.optimizer(spec["optimizer"], 1e-2, spec["momentum"]),
+                  loss="categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=models.HEAD_STEPS_PER_EXECUTION)
     keras.utils.set_random_seed(3)
     want = seeds.fit(x["train"], dataset.y_train, validation_data=(x["val"], dataset.y_val), epochs=4,
                      batch_size=8, verbose=0).history

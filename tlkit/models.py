@@ -327,6 +327,23 @@ def compile_for_training(model, spec: dict, learning_rate: float, steps_per_exec
     """The seed's loss and metric with the spec's optimizer: every training compile goes through here."""
     model.compile(optimizer=optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
                   loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    _build_training_state(model)
+
+
+def _build_training_state(model) -> None:
+    """Create the optimizer's slots and the metrics' totals now, as Keras would inside fit.
+
+    Keras (TensorFlow backend, no distribution strategy) leaves them to the first trace of the
+    train function, and a tf.function that creates variables is traced twice, once to create them
+    and once more to run: 0.25-0.5 s of every fit of a head here. Built beforehand, with the values
+    Keras would give them (zeros; no random draw), the function is traced once and trains the same
+    numbers (tests/test_train.py compares against a plain compile)."""
+    model.optimizer.build(model.trainable_variables)
+    zeros = [np.zeros((1, *output.shape[1:]), "float32") for output in model.outputs]
+    y = zeros[0] if len(zeros) == 1 else zeros
+    model.compute_loss(y=y, y_pred=y)
+    model.compute_metrics(None, y, y)
+    model.reset_metrics()
 
 
 def compile_for_evaluation(model) -> None:
