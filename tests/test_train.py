@@ -166,6 +166,36 @@ def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
     np.testing.assert_allclose(viewed.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("count, dtype", [(100, "float32"), (96, "float16")])
+def test_training_batches_are_the_batches_keras_draws_from_arrays(count, dtype):
+    """train.training_batches against Keras's own array pipeline (what model.fit(x, y, shuffle=True)
+    trains on): the same batches in the same order, every iterator (epoch), the last one partial or
+    not, float16 features cast to float32 as Keras casts them."""
+    import keras
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from tlkit import train
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(count, 1, 1, 4)).astype(dtype)
+    y = keras.utils.to_categorical(rng.integers(0, 3, count), 3)
+
+    def epochs(dataset):
+        return [[tuple(np.asarray(t) for t in batch) for batch in dataset] for _ in range(2)]
+
+    keras.utils.set_random_seed(4)
+    ours = epochs(train.training_batches(x, y, 8))
+    keras.utils.set_random_seed(4)
+    theirs = epochs(ArrayDataAdapter(x, y, batch_size=8, shuffle=True).get_tf_dataset())
+    assert len(ours[0]) == len(theirs[0]) == -(-count // 8)
+    for our_epoch, their_epoch in zip(ours, theirs):
+        for (our_x, our_y), (their_x, their_y) in zip(our_epoch, their_epoch):
+            assert our_x.dtype == their_x.dtype == np.float32 and our_y.dtype == their_y.dtype
+            np.testing.assert_array_equal(our_x, their_x)
+            np.testing.assert_array_equal(our_y, their_y)
+    assert not np.array_equal(ours[0][0][0], x[:8].astype("float32"))  # shuffled
+
+
 def test_fit_is_the_seeds_model_fit_to_the_last_digit():
     """train.fit states validation_steps (one validation iterator an epoch, not two), builds the
     optimizer and metrics before fit and trains a view: none may change a number against the

@@ -217,8 +217,9 @@ def _download_trial_files(run_id: str, into: Path) -> Path:
 class TrackedTrials:
     """Mixed into a keras-tuner Tuner: each trial runs inside its own nested MLflow run.
 
-    Only the `run_trial` hook is overridden (and `_build_and_fit_model`, keras-tuner's per-execution
-    hook, when a trial has several executions): the oracle decides, the tuner runs, we record.
+    Only the `run_trial` hook is overridden, and `_build_and_fit_model`, keras-tuner's per-execution
+    hook (it serves the arrays as train.training_batches and, when a trial has several executions,
+    nests a run per execution): the oracle decides, the tuner runs, we record.
     """
 
     def __init__(self, *args, context: Context, **kwargs):
@@ -266,15 +267,20 @@ class TrackedTrials:
         return results
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
+        from tlkit import tracking, train
+
+        # The batches are drawn for each fit, under the trial's seed, as model.fit(x, y) draws them.
+        kwargs = train.on_training_batches(*args, **kwargs)
         if self.executions_per_trial == 1:
-            return super()._build_and_fit_model(trial, *args, **kwargs)
-        from tlkit import tracking
+            with train.shuffle_stays_logged():
+                return super()._build_and_fit_model(trial, **kwargs)
 
         self._execution += 1
         tags = {"stage": "execution", "trial_id": trial.trial_id, "execution": str(self._execution),
                 "search_key": self.context.search_key}
-        with tracking.run(f"trial-{trial.trial_id}-execution-{self._execution}", nested=True, tags=tags):
-            return super()._build_and_fit_model(trial, *args, **kwargs)
+        with tracking.run(f"trial-{trial.trial_id}-execution-{self._execution}", nested=True, tags=tags), \
+                train.shuffle_stays_logged():
+            return super()._build_and_fit_model(trial, **kwargs)
 
     def _log_outcome(self, trial, results, tuner_utils) -> None:
         import mlflow
@@ -372,11 +378,11 @@ def _prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
     return Prepared(dataset, network, train.frozen_features(network, dataset, spec, cache_dir))
 
 
-def _search_args(prepared: Prepared, spec: dict) -> tuple[tuple, dict]:
+def _fit_kwargs(prepared: Prepared, spec: dict) -> dict:
     from tlkit import train
 
     d, f = prepared.dataset, prepared.features
-    return (f.train, d.y_train), train.fit_options(spec, len(d.y_train), f.val, d.y_val, spec["epochs"])
+    return train.fit_options(spec, f.train, d.y_train, f.val, d.y_val, spec["epochs"])
 
 
 def _read_state(folder: Path) -> dict | None:
@@ -471,13 +477,13 @@ def tune(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
         tracking.autolog()
         search = make_tuner(tuner, build, context, folder, max_trials=max_trials,
                             executions_per_trial=executions_per_trial, epochs=spec["epochs"])
-        fit_args, fit_kwargs = _search_args(prepared, spec)
+        fit_kwargs = _fit_kwargs(prepared, spec)
         if place == "chief" or workers > 0:
             _run_chief(search, spec, folder, parent, workers=workers, max_trials=max_trials,
                        executions_per_trial=executions_per_trial, tuner=tuner, cache_dir=cache_dir)
         else:
             with train.long_lived_objects_frozen():
-                search.search(*fit_args, **fit_kwargs)
+                search.search(**fit_kwargs)
         keras.utils.set_random_seed(spec["seed"])
         return _finish(search.oracle, context, spec, prepared, parent)
 
@@ -698,9 +704,9 @@ def work(spec: dict, *, max_trials: int = 6, executions_per_trial: int = 1, tune
     search = make_tuner(tuner, hypermodel(spec, prepared.features.train.shape[1:], len(prepared.dataset.class_names)),
                         context, folder, max_trials=max_trials, executions_per_trial=executions_per_trial,
                         epochs=spec["epochs"])
-    fit_args, fit_kwargs = _search_args(prepared, spec)
+    fit_kwargs = _fit_kwargs(prepared, spec)
     with train.long_lived_objects_frozen():
-        search.search(*fit_args, **fit_kwargs)
+        search.search(**fit_kwargs)
     return parent, search.trials_run
 
 
