@@ -120,6 +120,7 @@ def training_batches(x, y, batch_size: int):
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE  # the shuffle
+    # A known length makes Keras start a new iterator, so a new permutation draw, every epoch, as for arrays.
     return batches.with_options(options).apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size)))
 
 
@@ -127,8 +128,7 @@ def training_batches(x, y, batch_size: int):
 def shuffle_stays_logged():
     """Around a fit on training_batches: Keras warns that shuffle=True is ignored for a dataset.
     The dataset shuffles itself; shuffle stays True in the call so that autolog's logged `shuffle`
-    says what happens. A known cardinality makes Keras start a new iterator, a new permutation
-    draw, every epoch, as it does for arrays."""
+    says what happens."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`shuffle=True` was passed", category=UserWarning)
         yield
