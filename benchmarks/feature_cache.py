@@ -16,12 +16,14 @@ extrapolated from its per-epoch time measured in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
 import queue as queue_module
 import resource
+import shutil
 import tarfile
 import tempfile
 import time
@@ -71,14 +73,21 @@ def seed_way(args, queue) -> None:
                "test_accuracy": float(accuracy), "peak_rss_mb": peak_rss_mb()})
 
 
-def _throwaway_store() -> Path:
+@contextlib.contextmanager
+def _throwaway_store():
+    """A fresh MLflow store (and feature cache) in a temporary folder, removed afterwards: each
+    holds the models its runs logged, about 60 MB a run."""
     import mlflow
 
     work = Path(tempfile.mkdtemp(prefix="tlkit-bench-"))
     os.chdir(work)
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     mlflow.search_experiments()  # a user's store exists already: its one-time table creation is not timed
-    return work
+    try:
+        yield work
+    finally:
+        os.chdir(tempfile.gettempdir())
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def tlkit_baseline(args, queue) -> None:
@@ -87,11 +96,11 @@ def tlkit_baseline(args, queue) -> None:
 
     import keras  # noqa: F401 - imported before the clock starts, as in seed_way
 
-    work = _throwaway_store()
-    start = time.perf_counter()
-    result = train("baseline", spec_for(args), cache_dir=str(work / "cache"))
-    queue.put({"seconds": time.perf_counter() - start, "test_accuracy": result.test_accuracy,
-               "peak_rss_mb": peak_rss_mb()})
+    with _throwaway_store() as work:
+        start = time.perf_counter()
+        result = train("baseline", spec_for(args), cache_dir=str(work / "cache"))
+        queue.put({"seconds": time.perf_counter() - start, "test_accuracy": result.test_accuracy,
+                   "peak_rss_mb": peak_rss_mb()})
 
 
 def tlkit_suite(args, variants, queue) -> None:
@@ -102,18 +111,18 @@ def tlkit_suite(args, variants, queue) -> None:
 
     import keras  # noqa: F401
 
-    work = _throwaway_store()
     overrides = dict(data=args.data, weights=args.weights, limit=args.train_images, test_limit=args.test_images,
                      epochs=args.epochs, patience=0)
-    start = time.perf_counter()
-    result = suite.run_suite(variants, overrides, cache_dir=str(work / "cache"))
-    seconds = time.perf_counter() - start
-    per_variant = {}
-    for row in result.rows:
-        run = mlflow.get_run(row["run_id"]).info
-        per_variant[row["variant"]] = {"seconds": (run.end_time - run.start_time) / 1000,
-                                       "test_accuracy": row["test_accuracy"]}
-    queue.put({"seconds": seconds, "per_variant": per_variant, "peak_rss_mb": peak_rss_mb()})
+    with _throwaway_store() as work:
+        start = time.perf_counter()
+        result = suite.run_suite(variants, overrides, cache_dir=str(work / "cache"))
+        seconds = time.perf_counter() - start
+        per_variant = {}
+        for row in result.rows:
+            run = mlflow.get_run(row["run_id"]).info
+            per_variant[row["variant"]] = {"seconds": (run.end_time - run.start_time) / 1000,
+                                           "test_accuracy": row["test_accuracy"]}
+        queue.put({"seconds": seconds, "per_variant": per_variant, "peak_rss_mb": peak_rss_mb()})
 
 
 def feature_pass(args, queue) -> None:
@@ -166,12 +175,21 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    extracted = None
     if args.data.endswith((".tar.gz", ".tgz")):
-        target = Path(tempfile.mkdtemp(prefix="tlkit-cifar-"))
+        extracted = Path(tempfile.mkdtemp(prefix="tlkit-cifar-"))
         with tarfile.open(args.data) as archive:
-            archive.extractall(target, filter="data")
-        args.data = str(next(p.parent for p in target.rglob("train") if (p.parent / "test").is_dir()))
+            archive.extractall(extracted, filter="data")
+        args.data = str(next(p.parent for p in extracted.rglob("train") if (p.parent / "test").is_dir()))
+    try:
+        compare(args)
+    finally:
+        if extracted is not None:
+            shutil.rmtree(extracted, ignore_errors=True)  # 60,000 JPEGs, ~170 MB
 
+
+def compare(args) -> None:
+    """Both ways, one child process each; prints the figures (and writes them to --json)."""
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; data {args.data}; "
           f"{args.train_images} train / {args.test_images} test images; {args.epochs} epochs; weights {args.weights}")
     floor = in_child(feature_pass, args)
