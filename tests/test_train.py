@@ -89,8 +89,14 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
         optimizer = json.loads(archive.read("config.json"))["compile_config"]["optimizer"]
         with h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
             optimizer_state = [name for name in weights.get("optimizer/vars", {})]
+        config = archive.read("config.json").decode()
     assert optimizer["module"] == "keras.optimizers" and "tlkit" not in json.dumps(optimizer), optimizer
+    assert "tlkit" not in config  # the trainable part inside the network keeps no training compile either
     assert len(optimizer_state) <= 2, optimizer_state  # iterations and learning rate at most
+    if variant == "baseline":  # plain Keras, in a process that never imported tlkit, loads it
+        loaded = subprocess.run([sys.executable, "-c", "import sys, keras; keras.saving.load_model(sys.argv[1])",
+                                 keras_file], capture_output=True, text=True)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
 def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, tracking):

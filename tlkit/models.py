@@ -346,6 +346,16 @@ def _build_training_state(model) -> None:
     model.reset_metrics()
 
 
+def models_within(model):
+    """The Keras models nested in model as layers (the network's extractor and trainable parts), deepest too."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield layer
+            yield from models_within(layer)
+
+
 def compile_for_evaluation(model) -> None:
     """The seed's loss and metric, no optimizer: for a model that is evaluated, not trained."""
     model.compile(loss="categorical_crossentropy", metrics=["accuracy"])

@@ -173,8 +173,12 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
                                                                 "numpy", "pandas")]
     # Saved compiled for evaluation, not as it trained: a training compile would write the optimizer
     # into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot find)
-    # with its slot variables (twice the size of the trained weights).
+    # with its slot variables (twice the size of the trained weights). The same for the models
+    # inside it (the trainable part, which train.fit compiled): Keras saves each one's compile.
     models.compile_for_evaluation(network)
+    for part in models.models_within(network):
+        if part.compiled:
+            models.compile_for_evaluation(part)
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         network.save(keras_path)
