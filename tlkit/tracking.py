@@ -174,11 +174,13 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     # Saved compiled for evaluation, not as it trained: a training compile would write the optimizer
     # into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot find)
     # with its slot variables (twice the size of the trained weights). The same for the models
-    # inside it (the trainable part, which train.fit compiled): Keras saves each one's compile.
+    # inside it (the trainable part, which train.fit compiled): Keras saves each one's compile,
+    # so they are saved uncompiled.
     models.compile_for_evaluation(network)
     for part in models.models_within(network):
-        if part.compiled:
-            models.compile_for_evaluation(part)
+        # Not recompiled for evaluation: a nested model's own compile makes Keras rebuild its
+        # optimizer at load and warn that the saved variables do not match.
+        part.compiled, part.optimizer = False, None
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         network.save(keras_path)
