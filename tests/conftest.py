@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,13 @@ def using_tracking(uri: str, tmp_path: Path, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # ./mlruns and ./mlartifacts land in tmp_path too
+    # MLflow leaves a copy of the model in the system's temp folder at every load of a runs:/ or
+    # models:/ URI without a dst_path (60 MB each, as `mlflow models serve` does): in tests, and in
+    # the commands they start, those land in tmp_path. (tlkit's own loads clean up: test_registry.)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
     # MLFLOW_EXPERIMENT_ID is exported by mlflow.set_experiment: clear it, or subprocesses inherit it.

@@ -147,7 +147,7 @@ def on_server(mlflow_server, tmp_path, monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------
 
-def test_suite_compare_promote_predict_download_serve(on_server, image_folder, tmp_path):
+def test_suite_compare_promote_predict_download_serve(on_server, image_folder, tmp_path, monkeypatch):
     from PIL import Image
 
     # 1. The README's main command, through the MLproject entry point, two variants on tiny data.
@@ -208,8 +208,13 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
     Image.fromarray(draw("circle", rng, 96)).save(tmp_path / "big.jpg", quality=95)
     Image.fromarray(draw("square", rng, 20)[..., 0]).save(tmp_path / "grey.png")
     paths += [tmp_path / "big.jpg", tmp_path / "grey.png"]
-    result = cli("predict", "--model", f"models:/{name}@champion", *map(str, paths))
+    downloads = tmp_path / "predict-tmp"  # predict downloads the model and removes it when loaded
+    downloads.mkdir()
+    with monkeypatch.context() as temporary:
+        temporary.setattr(tempfile, "tempdir", str(downloads))
+        result = cli("predict", "--model", f"models:/{name}@champion", *map(str, paths))
     assert result.exit_code == 0, result.output
+    assert not list(downloads.iterdir())
     lines = [line.split("\t") for line in result.output.strip().splitlines()]
     assert [line[0] for line in lines] == [str(p) for p in paths]
     assert all(line[1] in CLASSES and 0.0 <= float(line[2]) <= 1.0 for line in lines)
