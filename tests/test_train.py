@@ -270,7 +270,9 @@ def test_a_conv_that_is_more_than_its_centre_trains_as_it_is(shape, regularized)
     inputs = keras.Input(shape)
     conv = keras.layers.Conv2D(4, 3, padding="same", kernel_regularizer=keras.regularizers.l2(0.01) if regularized else None)
     model = keras.Model(inputs, conv(inputs))
-    assert models.training_view(model) is model
+    view = models.training_view(model)
+    assert view is not model and conv in view.layers  # a model of its own over the conv itself
+    assert not any(hasattr(layer, "write_back") for layer in view.layers)
 
 
 def test_long_lived_objects_are_frozen_once_and_thawed_after():

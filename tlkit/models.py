@@ -275,8 +275,12 @@ def _centre_tap(conv):
 
 
 def training_view(model):
-    """`model` for training: the same layers (so the same weights), but each 3x3 'same' conv on a
-    1x1 map trained as the matrix product it is. The model itself when it has none.
+    """`model` for training: a model of its own over the same layers (so the same weights), with
+    each 3x3 'same' conv on a 1x1 map trained as the matrix product it is.
+
+    A model of its own even where there is no such conv: fit compiles it for training, and
+    `model` (inside the logged network, as its trainable part) keeps no training compile, which
+    Keras would save into model.keras with the optimizer (tlkit's own, which plain Keras cannot load).
 
     On a 1x1 map every tap but the centre sees only padding zeros: the conv's output is the input
     times the kernel's centre (C x F) plus the bias, and the other taps get exactly zero gradient,
@@ -288,8 +292,6 @@ def training_view(model):
     """
     import keras
 
-    if not any(_trains_as_centre_tap(layer) for layer in model.layers):
-        return model
     return keras.models.clone_model(model, clone_function=lambda layer: _centre_tap(layer)
                                     if _trains_as_centre_tap(layer) else layer)
 
@@ -344,16 +346,6 @@ def _build_training_state(model) -> None:
     model.compute_loss(y=y, y_pred=y)
     model.compute_metrics(None, y, y)
     model.reset_metrics()
-
-
-def models_within(model):
-    """The Keras models nested in model as layers (the network's extractor and trainable parts), deepest too."""
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield layer
-            yield from models_within(layer)
 
 
 def compile_for_evaluation(model) -> None:

@@ -171,16 +171,11 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     )
     requirements = [f"{name}=={md.version(name)}" for name in ("mlflow", "tensorflow", "keras", "pillow",
                                                                 "numpy", "pandas")]
-    # Saved compiled for evaluation, not as it trained: a training compile would write the optimizer
-    # into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot find)
-    # with its slot variables (twice the size of the trained weights). The same for the models
-    # inside it (the trainable part, which train.fit compiled): Keras saves each one's compile,
-    # so they are saved uncompiled.
+    # Saved compiled for evaluation, not as anything trained: a training compile would write the
+    # optimizer into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot
+    # find) with its slot variables (twice the size of the trained weights). The models inside it
+    # were never compiled: training compiles models.training_view of them.
     models.compile_for_evaluation(network)
-    for part in models.models_within(network):
-        # Not recompiled for evaluation: a nested model's own compile makes Keras rebuild its
-        # optimizer at load and warn that the saved variables do not match.
-        part.compiled, part.optimizer = False, None
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         network.save(keras_path)

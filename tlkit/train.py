@@ -147,8 +147,7 @@ def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float,
     options = fit_options(spec, inputs["train"], dataset.y_train, inputs["val"], dataset.y_val, epochs)
     with shuffle_stays_logged():
         history = fitted.fit(**on_training_batches(**options))
-    if fitted is not model:
-        models.write_back(fitted)
+    models.write_back(fitted)
     return history.history
 
 

@@ -517,7 +517,7 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
         head = head_model(best_spec, cached.train.shape[1:], len(dataset.class_names), compile=False)
         trained = models.training_view(head)  # the form the trial trained and saved
         trained.load_weights(files / "checkpoint.weights.h5")  # uncompiled: the trial's optimizer state stays out
-        models.write_back(trained)  # into head's convs; nothing to do when trained is head
+        models.write_back(trained)  # into head's convs (the trained centre taps), if it has any
         history = json.loads((files / "history.json").read_text())
         # On exactly the base the cached features came from (its layers, not a second build of it),
         # the best epoch of the best trial's head.
