@@ -349,8 +349,13 @@ def _build_training_state(model) -> None:
 
 
 def compile_for_evaluation(model) -> None:
-    """The seed's loss and metric, no optimizer: for a model that is evaluated, not trained."""
-    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    """The seed's loss and metric, for a model that is evaluated, not trained (the logged network:
+    a user's keras.saving.load_model(...).evaluate(x, y) gives the seed's numbers).
+
+    Keras needs an optimizer in a compile; this one is plain SGD, which keeps no state: Keras
+    builds the optimizer of a model it loads, and its default (RMSprop) would then have a slot per
+    weight that the saved file does not, so every load warned that the optimizer did not match."""
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
