@@ -233,6 +233,12 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
         capture_output=True, text=True, timeout=120, env=clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
     assert offline.returncode == 0, offline.stderr[-2000:]
     assert offline.stdout.strip().splitlines()[-1] == ",".join(labels[:3])
+    with monkeypatch.context() as temporary:  # predict loads a downloaded folder where it is: no copy
+        temporary.setattr(tempfile, "tempdir", str(downloads))
+        result = cli("predict", "--model", str(tmp_path / "champion"), *map(str, paths[:3]))
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[1] for line in result.output.strip().splitlines()] == labels[:3]
+    assert not list(downloads.iterdir())
 
     # 6. serve the champion and ask it over HTTP.
     port = free_port()

@@ -355,11 +355,11 @@ def load(model_uri: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        download = (contextlib.nullcontext() if Path(model_uri).is_dir()
+                    else tempfile.TemporaryDirectory(prefix="tlkit-model-"))
+        with warnings.catch_warnings(), download as download_to:  # None for a local folder
             # models logged before serving.py annotated predict warn on load
             warnings.filterwarnings("ignore", message=".*type hints.*")
-            download_to = None if Path(model_uri).is_dir() else stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="tlkit-model-"))
             return mlflow.pyfunc.load_model(model_uri, dst_path=download_to)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
