@@ -84,3 +84,28 @@ def tracking(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store and feature cache; cwd in tmp so ./mlruns lands there too."""
     with using_tracking(f"sqlite:///{tmp_path}/mlflow.db", tmp_path, monkeypatch) as uri:
         yield uri
+
+
+VGG16_WEIGHTS = REPO.parent / "shared" / "data" / "vgg16-imagenet-notop.weights.h5"
+
+
+@pytest.fixture(scope="session")
+def cifar_sample(tmp_path_factory) -> Path:
+    """A stratified CIFAR-10 sample as an image folder of the real JPEG files: the first 250 training
+    and 100 test images of each class from ../shared/data (skips when it is absent)."""
+    import shutil
+    import subprocess
+
+    if not CIFAR_ARCHIVE.exists():
+        pytest.skip(f"{CIFAR_ARCHIVE} not present (the real CIFAR-10 JPEGs, ../shared/data/README.md)")
+    scratch = tmp_path_factory.mktemp("cifar-archive")
+    subprocess.run(["tar", "xzf", str(CIFAR_ARCHIVE), "-C", str(scratch)], check=True)
+    sample = tmp_path_factory.mktemp("cifar-sample") / "cifar10"
+    for split, per_class in (("train", 250), ("test", 100)):
+        for class_dir in sorted((scratch / "cifar10" / split).iterdir()):
+            target = sample / split / class_dir.name
+            target.mkdir(parents=True)
+            for path in sorted(class_dir.iterdir())[:per_class]:
+                shutil.copy(path, target / path.name)
+    shutil.rmtree(scratch, ignore_errors=True)  # 60,000 files: don't leave them in pytest's kept temp dirs
+    return sample

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlkit import data, models, spec as specs
+from tlkit import data, models, spec as specs, views
 from tlkit.cli import main
 from tlkit.train import long_lived_objects_frozen, train
 
@@ -155,7 +155,7 @@ def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
 
     plain, viewed = head(), head()
     before = viewed.get_layer("head_conv").kernel.numpy().copy()
-    view = models.training_view(viewed)
+    view = views.training_view(viewed)
     assert view is not viewed
     np.testing.assert_allclose(view.predict(x, verbose=0), viewed.predict(x, verbose=0), atol=1e-6)
     # Only the centre tap is trained: 16x8 kernel entries instead of 3x3x16x8.
@@ -163,7 +163,7 @@ def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
     for model in (plain, view):
         models.compile_for_training(model, spec, spec["learning_rate"], models.HEAD_STEPS_PER_EXECUTION)
         model.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
-    models.write_back(view)
+    views.write_back(view)
     got, want = viewed.get_layer("head_conv").kernel.numpy(), plain.get_layer("head_conv").kernel.numpy()
     assert np.abs(got[1, 1] - before[1, 1]).max() > 1e-3  # it trained
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -264,16 +264,63 @@ def test_score_is_what_keras_evaluate_and_predict_say():
     assert probabilities.shape == (len(x_test), 3)
 
 
-@pytest.mark.parametrize("shape, regularized", [((2, 2, 16), False), ((1, 1, 16), True)])
-def test_a_conv_that_is_more_than_its_centre_trains_as_it_is(shape, regularized):
+@pytest.mark.parametrize("shape, regularized", [((5, 5, 16), False), ((1, 1, 16), True), ((2, 2, 16), True)])
+def test_a_conv_without_a_faster_exact_form_trains_as_it_is(shape, regularized):
     import keras
 
     inputs = keras.Input(shape)
     conv = keras.layers.Conv2D(4, 3, padding="same", kernel_regularizer=keras.regularizers.l2(0.01) if regularized else None)
     model = keras.Model(inputs, conv(inputs))
-    view = models.training_view(model)
+    view = views.training_view(model)
     assert view is not model and conv in view.layers  # a model of its own over the conv itself
     assert not any(hasattr(layer, "write_back") for layer in view.layers)
+
+
+def test_a_conv_on_a_small_map_trains_as_one_matrix_product_on_its_own_weights():
+    """VGG16's block5 at 2x2 (and a 3x3 map) in fine-tuning's view: the same outputs, the conv's own
+    variables trained in place, and under SGD (no sign-taking step to amplify rounding, as Adam's
+    first steps do) the same weights after training as the plain Keras conv, to float rounding."""
+    import keras
+
+    spec = specs.load("finetune", {"weights": "none", "units": 8, "optimizer": "sgd", "momentum": 0.9})
+    rng = np.random.default_rng(0)
+    y = keras.utils.to_categorical(rng.integers(0, 3, 32), 3)
+    for size, positions in ((32, (2, 2)), (48, (3, 3))):
+        def network():
+            keras.utils.set_random_seed(3)
+            built = models.build(dict(spec, image_size=size), 3)
+            models.set_unfrozen(built, True)
+            return built
+
+        plain, viewed = network(), network()
+        x = rng.normal(size=(32, *plain.trainable.input.shape[1:])).astype("float32")
+        view = views.training_view(viewed.trainable)
+        replaced = [layer for layer in view.get_layer(viewed.upper.name).layers if type(layer).__name__ == "Im2colConv2D"]
+        assert [layer.conv.name for layer in replaced] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+        assert tuple(replaced[0].conv.input.shape[1:3]) == positions
+        # The same variables, not copies: what trains is the logged network's block5.
+        assert {id(v) for v in view.trainable_variables} == {id(v) for v in viewed.trainable.trainable_variables}
+        np.testing.assert_allclose(view(x, training=False), viewed.trainable(x, training=False), rtol=1e-4, atol=1e-5)
+        for model in (plain.trainable, view):
+            models.compile_for_training(model, spec, 1e-3)
+            model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+        got = viewed.base.get_layer("block5_conv3").kernel.numpy()
+        want = plain.base.get_layer("block5_conv3").kernel.numpy()
+        before = network().base.get_layer("block5_conv3").kernel.numpy()
+        assert np.abs(want - before).max() > 1e-4  # it trained
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_plain_keras_switch_trains_the_layers_as_they_are(monkeypatch):
+    import keras
+
+    inputs = keras.Input((2, 2, 8))
+    conv = keras.layers.Conv2D(4, 3, padding="same")
+    model = keras.Model(inputs, conv(inputs))
+    assert conv not in views.training_view(model).layers
+    monkeypatch.setenv(views.PLAIN_KERAS_ENV, "1")
+    view = views.training_view(model)
+    assert view is not model and conv in view.layers
 
 
 def test_long_lived_objects_are_frozen_once_and_thawed_after():
@@ -402,3 +449,67 @@ def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, t
     fresh = frozen_features(network, dataset, spec, str(tmp_path / "fresh"))
     assert not fresh.hit and not fresh.derived_from
     np.testing.assert_allclose(np.array(fresh.test), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_mirrored_batches_draw_each_sample_once_as_itself_or_mirrored():
+    """`flip` from the cache: every epoch each training sample comes once, as itself or as its
+    mirror image (a fair coin per sample per epoch), with its own label."""
+    import keras
+
+    from tlkit import train
+
+    count = 200
+    x = np.arange(count, dtype="float32").reshape(count, 1, 1, 1)
+    y = keras.utils.to_categorical(np.arange(count) % 3, 3)
+    keras.utils.set_random_seed(4)
+    batches = train.training_batches(x, y, 8, x_mirrored=-x - 1000)
+    coins = []
+    for _ in range(2):  # a new iterator, a new draw: as Keras starts one an epoch
+        xs, ys = zip(*[(np.asarray(bx).ravel(), np.asarray(by)) for bx, by in batches])
+        xs, ys = np.concatenate(xs), np.concatenate(ys)
+        flipped = xs < 0
+        ids = np.where(flipped, -xs - 1000, xs).astype(int)
+        assert sorted(ids) == list(range(count))
+        np.testing.assert_array_equal(ys, y[ids])
+        assert 60 < flipped.sum() < 140  # p = 1/2 each
+        coins.append(flipped[np.argsort(ids)])
+    assert not np.array_equal(coins[0], coins[1])
+    with pytest.raises(ValueError, match="mirrored training features"):
+        train.training_batches(x, y, 8, x_mirrored=x[:10])
+
+
+def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, tracking, tmp_path):
+    """finetune with flips: the mirror images of the training split get entries of their own (train
+    alone), at block4_pool and, derived, at the base's output; a frozen variant after it reuses them
+    (no new pass); the stored features are the extractor's on the mirrored images."""
+    import keras
+
+    result = cli("train", "finetune", "--data", str(image_folder), *FAST, "--flip", "--finetune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    metas = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")}
+    mirrored = {m["fields"]["boundary"]: key for key, m in metas.items() if m["fields"].get("transform") == "hflip"}
+    assert sorted(mirrored) == ["block4_pool", "block5_pool"]
+    assert all(set(metas[key]["sha256"]) == {"train"} for key in mirrored.values())
+    assert len(metas) == 4  # and the three-split entries at both boundaries
+
+    result = cli("train", "augment", "--data", str(image_folder), *FAST)  # augment: flips from the cache
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 4  # nothing new computed
+    run = mlflow.search_runs(filter_string="tags.variant = 'augment'", output_format="list")[0]
+    assert run.data.tags["feature_cache"] == "hit" and run.data.params["flip"] == "True"
+
+    spec = specs.load("baseline", {"data": str(image_folder), "weights": "none"})
+    dataset = data.load(str(image_folder), seed=spec["seed"])
+    network = models.build(spec, dataset.num_classes)
+    want = network.extractor.predict(dataset.x_train[:, :, ::-1], verbose=0)
+    got = np.load(tmp_path / "cache" / mirrored["block5_pool"] / "train.npy")
+    unflipped = network.extractor.predict(dataset.x_train, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert np.abs(got - unflipped).max() > 100 * np.abs(got - want).max()  # the mirror images' own
+
+
+@pytest.mark.parametrize("extra, message", [(["--flip", "--augment"], "flip comes from the feature cache"),
+                                            (["--flip", "--trainable-base"], "use --no-flip")])
+def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_folder, tracking):
+    result = CliRunner().invoke(main, ["train", "baseline", "--data", str(image_folder), *FAST, *extra])
+    assert result.exit_code == 2 and message in result.output

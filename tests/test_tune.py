@@ -103,7 +103,7 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
 
 
 def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
-    # The trials train the conv through its centre tap (models.training_view) and save that form;
+    # The trials train the conv through its centre tap (views.training_view) and save that form;
     # the parent puts the best one back into the 3x3 conv of the logged network.
     result = cli("tune", "--data", str(image_folder), *FAST, "--head", "conv", "--conv-filters", "8",
                  "--max-trials", "2", "--search-dir", str(tmp_path / "search"))

@@ -243,6 +243,44 @@ def tune_command(max_trials: int, executions_per_trial: int, tuner: str, workers
     click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
 
 
+# --- recipe: the search over the levers that lift accuracy (tlkit/recipe.py) ------------------------
+
+@main.command("recipe")
+@spec_options
+@click.option("--output", default=None,
+              help="write the chosen configuration here as a variant file  [default: ./recipe-<run id>.toml]")
+@_experiment_option
+@_cache_dir_option
+@friendly_errors
+def recipe_command(output: str | None, experiment: str | None, cache_dir: str | None, **overrides) -> None:
+    """Search image size, preprocessing, head, cached flips and fine-tuning, cheapest first.
+
+    Each stage keeps its best configuration by validation accuracy (tlkit/recipe.py STAGES); each
+    configuration is a nested run. Prints what each bought and writes the chosen one as a variant
+    file: `tlkit train <file> --data ... --weights ...` reruns it alone.
+
+    Example: tlkit recipe --data /data/cifar10 --weights /abs/vgg16-imagenet-notop.weights.h5
+    """
+    from tlkit import recipe, spec as specs
+
+    specs.load("baseline", overrides)  # every check before data is loaded or a run is made
+    if output and not output.endswith(".toml"):
+        raise specs.SpecError(f"--output {output} must end in .toml (it is a variant file)")
+    try:
+        result = recipe.search(overrides, experiment=experiment, cache_dir=cache_dir, output=output or "")
+    except recipe.RecipeError as err:
+        raise click.ClickException(str(err)) from None
+    path = output or f"recipe-{result.run_id}.toml"
+    if not output:
+        import mlflow
+
+        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="chosen.toml", dst_path=".")
+        os.replace("chosen.toml", path)
+    click.echo(recipe.table(result))
+    click.echo(f"run {result.run_id}: chosen {result.chosen.name}, val_accuracy {result.chosen.val_accuracy:.4f}, "
+               f"test_accuracy {result.chosen.test_accuracy:.4f}, {result.seconds / 60:.1f} min; variant file {path}")
+
+
 # --- suite, compare, promote, predict, download: the main job (tlkit/suite.py, tlkit/registry.py) ---
 
 def common_options(command):

@@ -92,13 +92,19 @@ def _why(err: OSError, folder: Path) -> str:
 @dataclass
 class Features:
     train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
+    val: np.ndarray | None  # None in an entry of the training images alone (their mirror images)
+    test: np.ndarray | None
     key: str
     hit: bool  # True when read from the cache, False when computed now
     derived_from: str = ""  # key of the lower entry these were computed from, if any
     # The base's output for the same images, when these are from below it (fine-tuning's boundary).
     base_output: Features | None = None
+    # The features of the training images mirrored left to right (the spec's `flip`), same order.
+    train_mirrored: np.ndarray | None = None
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(split for split in SPLITS if getattr(self, split) is not None)
 
 
 class FeatureCache:
@@ -129,15 +135,19 @@ class FeatureCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            for split in SPLITS:
+            # Every split an entry was written with (an entry of mirrored images holds train alone).
+            splits = [split for split in SPLITS if split in meta["sha256"]]
+            if "train" not in splits:
+                raise ValueError("it holds no training features")
+            for split in splits:
                 if file_sha256(entry / f"{split}.npy") != meta["sha256"][split]:
                     raise ValueError(f"{split}.npy does not match its checksum")
-            arrays = {split: np.load(entry / f"{split}.npy", mmap_mode="r") for split in SPLITS}
-        except (OSError, ValueError, KeyError) as err:
+            arrays = {split: np.load(entry / f"{split}.npy", mmap_mode="r") for split in splits}
+        except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("feature cache entry %s is corrupted (%s): recomputing it", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        return Features(**arrays, key=key, hit=True)
+        return Features(train=arrays["train"], val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True)
 
     def sweep_dead_writers(self) -> list[Path]:
         """Remove the temporary folders of writers that died (killed, out of memory, power cut).
@@ -178,7 +188,7 @@ class FeatureCache:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until this writer is done or dead (sweep_dead_writers)
         try:
             checksums = {}
-            for split in SPLITS:
+            for split in (split for split in SPLITS if split in arrays):
                 path = tmp / f"{split}.npy"
                 with open(path, "wb") as f:
                     np.save(f, np.ascontiguousarray(arrays[split]))
@@ -199,19 +209,20 @@ class FeatureCache:
             os.close(lock)
 
     def get(self, fields: dict, extractor, images: dict[str, np.ndarray], batch_size: int = 128) -> Features:
-        """Cached features for images {'train','val','test'}, computed in one pass on a miss."""
+        """Cached features for images {'train','val','test'} (or 'train' alone), computed in one pass on a miss."""
         key = key_of(fields)
         cached = self.read(key)
         if cached is not None:
             log.info("feature cache hit: %s", self._entry(key))
             return cached
         log.info("feature cache miss: computing %s features at %s for %d images",
-                 fields["base"], fields["boundary"], sum(len(images[s]) for s in SPLITS))
-        sizes = [len(images[split]) for split in SPLITS]
-        everything = extractor.predict(np.concatenate([images[s] for s in SPLITS]),
+                 fields["base"], fields["boundary"], sum(len(images[s]) for s in images))
+        splits = [split for split in SPLITS if split in images]
+        sizes = [len(images[split]) for split in splits]
+        everything = extractor.predict(np.concatenate([images[s] for s in splits]),
                                        batch_size=batch_size, verbose="auto")
         bounds = np.cumsum([0] + sizes)
-        arrays = {split: everything[bounds[i]:bounds[i + 1]] for i, split in enumerate(SPLITS)}
+        arrays = {split: everything[bounds[i]:bounds[i + 1]] for i, split in enumerate(splits)}
         self.write(key, fields, arrays)
         stored = self.read(key)
         if stored is None:  # written and gone again: only a failing disk does that

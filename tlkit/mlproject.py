@@ -55,6 +55,17 @@ def _tune_entry_point() -> tuple[str, dict, str]:
 TOOL_ENTRY_POINTS["tune"] = _tune_entry_point()
 
 
+def _recipe_entry_point() -> tuple[str, dict, str]:
+    params = {name: specs.DEFAULTS[name] for name in COMMON if name not in ("image_size", "preprocess", "units")}
+    params["output"] = "chosen.toml"
+    options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)
+    return ("search image size, preprocessing, head, cached flips and fine-tuning (val accuracy), "
+            "one nested run per configuration", params, f"python -m tlkit.cli recipe {options}")
+
+
+TOOL_ENTRY_POINTS["recipe"] = _recipe_entry_point()
+
+
 def _suite_entry_point() -> tuple[str, dict, str]:
     params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "model_name": ""}
     options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)

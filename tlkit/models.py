@@ -205,6 +205,17 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
                    base=base_model, head=head_alone)
 
 
+def extractor_to(network: Network, spec: dict, layer: str):
+    """Raw pixels -> the output of the base's `layer`, frozen: the extractor a boundary there has."""
+    import keras
+
+    pixels = keras.Input(shape=network.extractor.input.shape[1:], name="pixels")
+    x = preprocessing_layer(spec["base"], spec["preprocess"])(pixels)
+    lower = keras.Model(network.base.input, network.base.get_layer(layer).output, name=f"{network.base.name}_to_{layer}")
+    lower.trainable = False
+    return keras.Model(pixels, lower(x, training=False), name="extractor")
+
+
 def set_unfrozen(network: Network, unfrozen: bool) -> None:
     """Unfreeze (or freeze) the block above the boundary; BatchNorm layers stay frozen."""
     from keras import layers
@@ -224,82 +235,6 @@ def parameter_counts(model) -> tuple[int, int]:
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
     return trainable, frozen
-
-
-def _trains_as_centre_tap(layer) -> bool:
-    """A 3x3 (any odd) 'same' Conv2D on a 1x1 map, whose other taps nothing moves: see training_view."""
-    from keras import layers
-
-    return (type(layer) is layers.Conv2D and layer.padding == "same"  # a subclass may compute otherwise
-            and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
-            and all(k % 2 == 1 for k in layer.kernel_size) and tuple(layer.input.shape[1:3]) == (1, 1)
-            # A penalty on the kernel would pull the off-centre taps too: then they do change.
-            and layer.kernel_regularizer is None and layer.bias_regularizer is None
-            and layer.kernel_constraint is None and layer.bias_constraint is None)
-
-
-def _centre_tap(conv):
-    """A layer that trains `conv`'s centre tap as a matrix product; write_back() puts it into `conv`."""
-    import keras
-    from keras import ops
-
-    class CentreTap(keras.layers.Layer):
-        def __init__(self):
-            super().__init__(name=f"{conv.name}_centre_tap", trainable=conv.trainable)
-            # `conv` is reached through the closure, not an attribute: Keras would track it,
-            # and its 2.4M-parameter kernel would be back among the trained weights.
-            rows, cols = conv.kernel_size
-            self.centre = (rows // 2, cols // 2)
-            # Variables of its own, started from the conv's: only these the optimizer updates.
-            self.kernel = self.add_weight(shape=(conv.kernel.shape[2], conv.filters), name="kernel",
-                                          initializer=keras.initializers.Constant(
-                                              ops.convert_to_numpy(conv.kernel[self.centre])))
-            self.bias = self.add_weight(shape=(conv.filters,), name="bias", initializer=keras.initializers.Constant(
-                ops.convert_to_numpy(conv.bias))) if conv.use_bias else None
-
-        def call(self, x):
-            y = ops.einsum("bhwc,cf->bhwf", x, self.kernel)
-            return conv.activation(y + self.bias if self.bias is not None else y)
-
-        def compute_output_shape(self, shape):
-            return (*shape[:3], conv.filters)
-
-        def write_back(self) -> None:
-            kernel = ops.convert_to_numpy(conv.kernel).copy()
-            kernel[self.centre] = ops.convert_to_numpy(self.kernel)
-            conv.kernel.assign(kernel)
-            if self.bias is not None:
-                conv.bias.assign(ops.convert_to_numpy(self.bias))
-
-    return CentreTap()
-
-
-def training_view(model):
-    """`model` for training: a model of its own over the same layers (so the same weights), with
-    each 3x3 'same' conv on a 1x1 map trained as the matrix product it is.
-
-    A model of its own even where there is no such conv: fit compiles it for training, and
-    `model` (inside the logged network, as its trainable part) keeps no training compile, which
-    Keras would save into model.keras with the optimizer (tlkit's own, which plain Keras cannot load).
-
-    On a 1x1 map every tap but the centre sees only padding zeros: the conv's output is the input
-    times the kernel's centre (C x F) plus the bias, and the other taps get exactly zero gradient,
-    so Adam and SGD (with momentum) never move them. VGG16's base ends at 1x1 for 32x32 images,
-    where the seed's conv head spent 9/10 of its multiplications on padding and its optimizer
-    updated 2.4M parameters a step of which 0.26M can change: 10 epochs took 19-25 s here, and
-    6-7 s as the centre tap. After training, write_back(view) puts the trained centres into the
-    convs; `model` is what is evaluated, saved and logged.
-    """
-    import keras
-
-    return keras.models.clone_model(model, clone_function=lambda layer: _centre_tap(layer)
-                                    if _trains_as_centre_tap(layer) else layer)
-
-
-def write_back(view) -> None:
-    for layer in view.layers:
-        if hasattr(layer, "write_back"):
-            layer.write_back()
 
 
 # Steps per call into TensorFlow when a head trains on cached features. A step of the Dense head

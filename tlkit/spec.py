@@ -31,7 +31,10 @@ FIELDS: dict[str, tuple[object, str]] = {
     "units": (256, "units of the head's hidden Dense layer"),
     "l2": (0.0, "L2 factor on the hidden Dense layer's kernel; 0 = none"),
     "dropout": (0.0, "dropout rate after the hidden Dense layer, in [0, 1); 0 = none"),
-    "augment": (False, "random horizontal flip and translation in training (runs the whole network every epoch)"),
+    "augment": (False, "random horizontal flip and translation in training, the seed's exact way (runs the whole "
+                       "network every epoch)"),
+    "flip": (False, "random horizontal flips from the feature cache: the training images' mirror images get one "
+                    "pass of the base, and every epoch each image is drawn as itself or mirrored (p 1/2)"),
     "trainable_base": (False, "train the whole base from the first epoch, BatchNorm included (from scratch with "
                               "weights 'none'; runs the whole network every epoch)"),
     # optimisation
@@ -142,6 +145,9 @@ def validate(spec: dict) -> None:
     weights = spec["weights"]
     if weights not in ("imagenet", "none"):
         need(Path(weights).is_file(), f"weights file {weights} does not exist (use 'imagenet', 'none' or a path)")
+    if spec["flip"] and (spec["augment"] or spec["trainable_base"]):
+        raise SpecError("flip comes from the feature cache, and augment / trainable_base run the whole network "
+                        "(augment flips already): use --no-flip with them")
     if spec["augment"] and spec["unfreeze"]:
         raise SpecError("augment and unfreeze cannot be combined yet: pick one variant")
     if spec["trainable_base"] and spec["unfreeze"]:

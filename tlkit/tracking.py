@@ -174,7 +174,7 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     # Saved compiled for evaluation, not as anything trained: a training compile would write the
     # optimizer into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot
     # find) with its slot variables (twice the size of the trained weights). The models inside it
-    # were never compiled: training compiles models.training_view of them.
+    # were never compiled: training compiles views.training_view of them.
     models.compile_for_evaluation(network)
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"

@@ -28,9 +28,10 @@ class Result:
     test_loss: float
     model_uri: str  # runs:/<id>/model
     test_predictions: np.ndarray  # predicted class index per test image, from the trained network
+    val_accuracy: float = float("nan")  # of the model as logged: what searches select on
 
 
-def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int) -> dict:
+def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train_mirrored=None) -> dict:
     """model.fit's keywords, the seed's: the arrays, batch size, epochs, validation every epoch,
     early stopping when the spec's patience is above 0. train.fit and tune's trials fit with them
     through on_training_batches.
@@ -40,6 +41,10 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int) -> dict
     (steps_per_epoch); the same for validation unless they are stated (validation_steps), and its
     array pipeline (shuffling, a parallel gather) costs more to start than the plain batched
     dataset the unshuffled validation needs. The same history to the last digit (tests/test_train.py).
+
+    x_train_mirrored: the features of the training images mirrored (the spec's `flip`), which the
+    batches then draw from at random (training_batches); not a model.fit keyword, it rides along
+    to on_training_batches.
     """
     import keras
     import tensorflow as tf
@@ -52,9 +57,16 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int) -> dict
     validation = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(batch_size)
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False  # as Keras's own pipeline: no rewrite
-    return dict(x=x_train, y=y_train, batch_size=batch_size, validation_data=validation.with_options(options),
-                validation_steps=math.ceil(len(y_val) / batch_size), steps_per_epoch=math.ceil(len(y_train) / batch_size),
-                epochs=epochs, callbacks=callbacks, verbose=2)
+    fit = dict(x=x_train, y=y_train, batch_size=batch_size, validation_data=validation.with_options(options),
+               validation_steps=math.ceil(len(y_val) / batch_size), steps_per_epoch=math.ceil(len(y_train) / batch_size),
+               epochs=epochs, callbacks=callbacks, verbose=2)
+    if x_train_mirrored is not None:
+        fit[MIRRORED] = x_train_mirrored
+    return fit
+
+
+# fit_options' key for the mirrored training features: on_training_batches takes it out.
+MIRRORED = "x_train_mirrored"
 
 
 def on_training_batches(*args, **options) -> dict:
@@ -68,19 +80,26 @@ def on_training_batches(*args, **options) -> dict:
 
     import keras
 
+    mirror_images = options.pop(MIRRORED, None)
     options = inspect.signature(keras.Model.fit).bind_partial(None, *args, **options).arguments
     options.pop("self")
     options.update(options.pop("kwargs", {}))
     x, y = options.get("x"), options.get("y")
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or options.get("validation_split"):
+        if mirror_images is not None:
+            raise ValueError("mirrored training features need the training features as arrays")
         return options
     options["batch_size"] = options.get("batch_size") or 32  # Keras's default for arrays
-    options["x"] = training_batches(x, options.pop("y"), options["batch_size"])
+    options["x"] = training_batches(x, options.pop("y"), options["batch_size"], mirror_images)
     return options
 
 
-def training_batches(x, y, batch_size: int):
+def training_batches(x, y, batch_size: int, x_mirrored=None):
     """The batches model.fit(x, y, batch_size, shuffle=True) trains on, in the same order, as a dataset.
+
+    x_mirrored: x's rows for the mirrored images. Then every epoch each sample is drawn as itself
+    or mirrored, with probability 1/2 each (a coin per sample per epoch, from the global seed like
+    the permutation): RandomFlip("horizontal")'s distribution, from the cache.
 
     Keras's array pipeline draws a permutation of the samples for each iterator (tf.random.shuffle,
     seeded from the global seed), cuts it into batches (the last one partial) and gathers each
@@ -100,11 +119,20 @@ def training_batches(x, y, batch_size: int):
 
     count = len(y)
     in_full_batches = count // batch_size * batch_size
+    if x_mirrored is not None:
+        # The coins come from a generator whose state lives outside the dataset, so each iterator
+        # (epoch) draws new ones: an op-seeded draw inside the dataset repeats itself in every new
+        # iterator. Its seed is drawn from numpy's, which the run's seed sets.
+        coin_source = tf.random.Generator.from_seed(int(np.random.randint(2**31 - 1)))
 
     def permutation(_):
         # As Keras draws it: the shuffle's seed comes from the global seed (set per run, per trial).
-        indices = tf.range(count, dtype=tf.int64)
-        return tf.random.shuffle(indices)
+        indices = tf.random.shuffle(tf.range(count, dtype=tf.int64))
+        if x_mirrored is None:
+            return indices
+        # Rows count.. of the stacked features are the mirror images: a coin per sample decides.
+        coins = tf.cast(coin_source.uniform((count,)) < 0.5, tf.int64)
+        return indices + count * coins
 
     def batched(indices):
         full = tf.data.Dataset.from_tensor_slices(tf.reshape(indices[:in_full_batches], (-1, batch_size)))
@@ -114,6 +142,10 @@ def training_batches(x, y, batch_size: int):
 
     # The arrays ride along in a repeated dataset rather than in the gather's closure (Keras's way:
     # a captured tensor would be copied into the function's graph).
+    if x_mirrored is not None:
+        if len(x_mirrored) != count:
+            raise ValueError(f"{len(x_mirrored)} mirrored training features for {count} training features")
+        x, y = np.concatenate([x, x_mirrored]), np.concatenate([y, y])
     arrays = tf.data.Dataset.from_tensors((as_tensor(x), as_tensor(y))).repeat()
     batches = tf.data.Dataset.zip((tf.data.Dataset.range(1).map(permutation).flat_map(batched), arrays))
     batches = batches.map(lambda indices, xy: (tf.gather(xy[0], indices), tf.gather(xy[1], indices)))
@@ -138,16 +170,17 @@ def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float,
         steps_per_execution: int) -> dict[str, list[float]]:
     """Compile model for training and fit it on inputs['train'] against dataset's labels, validating
     on inputs['val'] every epoch; returns the history. One autologged fit: call it inside its own run."""
-    from tlkit import models
+    from tlkit import models, views
 
-    fitted = models.training_view(model)  # the same weights; a conv on a 1x1 map trains as a product
+    fitted = views.training_view(model)  # the same weights; small-map convs train as matrix products
     models.compile_for_training(fitted, spec, learning_rate, steps_per_execution)
     trainable, frozen = models.parameter_counts(fitted)
     log.info("training %s: %d trainable, %d frozen parameters, lr %g", model.name, trainable, frozen, learning_rate)
-    options = fit_options(spec, inputs["train"], dataset.y_train, inputs["val"], dataset.y_val, epochs)
+    options = fit_options(spec, inputs["train"], dataset.y_train, inputs["val"], dataset.y_val, epochs,
+                          inputs.get("train_mirrored"))
     with shuffle_stays_logged():
         history = fitted.fit(**on_training_batches(**options))
-    models.write_back(fitted)
+    views.write_back(fitted)
     return history.history
 
 
@@ -234,28 +267,62 @@ def load_dataset(spec: dict):
     return dataset
 
 
-def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None):
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """Each image mirrored left to right (the width axis of (n, height, width, channels))."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below_top: bool = False):
     """The extractor's outputs for the train, val and test images: from the cache, or computed once.
 
     finetune and the frozen variants share one pass of the base. finetune caches below the block
     it unfreezes (VGG16: block4_pool) and, from those, also stores the base's output: the top block
     is cheap (VGG16's block5 at 2x2 is under a tenth of the pass). A frozen variant that finds the
     lower entry derives its features from it the same way instead of running the base again.
+
+    With the spec's `flip`, the training images' mirror images get entries of their own (the
+    training split alone, the key's `transform` 'hflip'), made and shared the same way: one more
+    pass over the training images buys flips for every epoch of every variant after it.
+
+    cache_below_top: where a frozen variant's features are not cached, its pass stops below the
+    top block (as finetune's does), stores those, and derives its own from them: a fine-tuning
+    run on the same images later finds its features instead of making a second pass.
     """
+    from tlkit import features
+
+    cache = features.FeatureCache(cache_dir)
+    images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+    got = _cached_features(network, dataset, spec, cache, images, "", cache_below_top)
+    if spec["flip"]:
+        flipped = _cached_features(network, dataset, spec, cache, {"train": mirrored(dataset.x_train)}, "hflip",
+                                   cache_below_top)
+        got.train_mirrored = flipped.train
+        if got.base_output is not None:
+            got.base_output.train_mirrored = flipped.base_output.train
+    return got
+
+
+def _cached_features(network, dataset, spec: dict, cache, images: dict, transform: str = "",
+                     cache_below_top: bool = False):
+    """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
     import keras
 
     from tlkit import features, models
 
-    cache = features.FeatureCache(cache_dir)
-    fields = features.key_fields(spec, dataset.digest, network.boundary)
-    images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+    def fields_at(boundary: str) -> dict:
+        fields = features.key_fields(spec, dataset.digest, boundary)
+        if transform:  # untransformed entries keep the keys they always had
+            fields["transform"] = transform
+        return fields
+
+    fields = fields_at(network.boundary)
     base = network.base
     output_layer = base.layers[-1].name
     shared_cut = models.boundary_layer(base, models.BASES[spec["base"]].last_block)
-    top_fields = features.key_fields(spec, dataset.digest, output_layer)
+    top_fields = fields_at(output_layer)
 
     def derive(lower: features.Features, top) -> features.Features:
-        arrays = {split: models.infer(top, getattr(lower, split)) for split in features.SPLITS}
+        arrays = {split: models.infer(top, getattr(lower, split)) for split in lower.splits}
         cache.write(features.key_of(top_fields), top_fields, arrays)
         derived = cache.read(features.key_of(top_fields))
         derived.hit, derived.derived_from = False, lower.key
@@ -263,24 +330,29 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None):
 
     if network.boundary == output_layer:
         if not cache.has(features.key_of(fields)):
-            lower = cache.read(features.key_of(features.key_fields(spec, dataset.digest, shared_cut)))
+            lower = cache.read(features.key_of(fields_at(shared_cut)))
+            if lower is None and cache_below_top and shared_cut != output_layer:
+                lower = cache.get(fields_at(shared_cut), models.extractor_to(network, spec, shared_cut), images)
             if lower is not None:
                 log.info("feature cache: deriving %s features from the %s entry", output_layer, shared_cut)
                 return derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
         return cache.get(fields, network.extractor, images)
 
     got = cache.get(fields, network.extractor, images)
-    if network.boundary == shared_cut and network.upper is not None:
-        # still the loaded weights: fine-tuning has not started
+    if network.upper is not None:
+        # The base's output for fine-tuning's first stage, from these features through the block(s)
+        # above, still at the loaded weights (fine-tuning has not started).
         got.base_output = cache.read(features.key_of(top_fields)) or derive(got, network.upper)
     return got
 
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
-          nested: bool = False, dataset=None) -> Result:
+          nested: bool = False, dataset=None, cache_below_top: bool = False) -> Result:
     """Run one variant with a validated spec and log everything to MLflow.
 
-    dataset: load_dataset(spec) done already (a suite loads once for all its children)."""
+    dataset: load_dataset(spec) done already (a suite loads once for all its children).
+    cache_below_top: a frozen variant's pass stores the features below the base's top block too
+    (frozen_features), for a fine-tuning run after it on the same images (the recipe search)."""
     import keras
     import mlflow
 
@@ -319,18 +391,24 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
             model, inputs = network.full, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
             steps_per_execution = 1
         else:
-            cached = frozen_features(network, dataset, spec, cache_dir)
+            cached = frozen_features(network, dataset, spec, cache_dir, cache_below_top)
             outcome = "derived" if cached.derived_from else "hit" if cached.hit else "miss"
             mlflow.set_tags({"feature_cache": outcome, "feature_cache_key": cached.key,
                              "feature_boundary": network.boundary})
-            model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test}
+            model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test,
+                                                "train_mirrored": cached.train_mirrored}
             steps_per_execution = models.HEAD_STEPS_PER_EXECUTION
             if cached.base_output is not None:
-                head_inputs = {"train": cached.base_output.train, "val": cached.base_output.val}
+                head_inputs = {"train": cached.base_output.train, "val": cached.base_output.val,
+                               "train_mirrored": cached.base_output.train_mirrored}
 
         history, stage_starts = _train_stages(network, model, inputs, dataset, spec, steps_per_execution, head_inputs)
         test_loss, test_accuracy, probabilities = score(model, inputs["test"], dataset.y_test)
+        # The validation accuracy of the model as it ends (early stopping may have restored an
+        # earlier epoch): what the recipe search selects on, never the test accuracy.
+        _, val_accuracy, _ = score(model, inputs["val"], dataset.y_val)
         mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
+                            "val_accuracy_final": float(val_accuracy),
                             "epochs_run": float(len(history.get("loss", [])))})
         log.info("test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss, len(dataset.x_test))
 
@@ -342,4 +420,5 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
         tracking.log_model(network.full, dataset.class_names, dataset.x_test[:2], spec)
         run_id = active.info.run_id
     return Result(run_id=run_id, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                  model_uri=f"runs:/{run_id}/model", test_predictions=probabilities.argmax(axis=1))
+                  model_uri=f"runs:/{run_id}/model", test_predictions=probabilities.argmax(axis=1),
+                  val_accuracy=float(val_accuracy))

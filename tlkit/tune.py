@@ -176,13 +176,13 @@ def head_model(spec: dict, feature_shape: tuple, num_classes: int, compile: bool
     """
     import keras
 
-    from tlkit import models
+    from tlkit import models, views
 
     features = keras.Input(shape=tuple(feature_shape), name="features")
     model = keras.Model(features, models.HEADS[spec["head"]](features, spec, num_classes), name="trainable")
     if compile:
-        # What the trial trains, and what its checkpoint holds: models.training_view of the head.
-        model = models.training_view(model)
+        # What the trial trains, and what its checkpoint holds: views.training_view of the head.
+        model = views.training_view(model)
         models.compile_for_training(model, spec, spec["learning_rate"], models.HEAD_STEPS_PER_EXECUTION)
     return model
 
@@ -382,7 +382,7 @@ def _fit_kwargs(prepared: Prepared, spec: dict) -> dict:
     from tlkit import train
 
     d, f = prepared.dataset, prepared.features
-    return train.fit_options(spec, f.train, d.y_train, f.val, d.y_val, spec["epochs"])
+    return train.fit_options(spec, f.train, d.y_train, f.val, d.y_val, spec["epochs"], f.train_mirrored)
 
 
 def _read_state(folder: Path) -> dict | None:
@@ -493,7 +493,7 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
     import mlflow
     from keras_tuner.src.engine import trial as trial_module
 
-    from tlkit import models, reports, tracking, train
+    from tlkit import models, reports, tracking, train, views
     from tlkit.train import Result
 
     trials = list(oracle.trials.values())
@@ -515,9 +515,9 @@ def _finish(oracle, context: Context, spec: dict, prepared: Prepared, parent: st
     with tempfile.TemporaryDirectory() as tmp:
         files = _download_trial_files(best_run.info.run_id, Path(tmp) / "download")
         head = head_model(best_spec, cached.train.shape[1:], len(dataset.class_names), compile=False)
-        trained = models.training_view(head)  # the form the trial trained and saved
+        trained = views.training_view(head)  # the form the trial trained and saved
         trained.load_weights(files / "checkpoint.weights.h5")  # uncompiled: the trial's optimizer state stays out
-        models.write_back(trained)  # into head's convs (the trained centre taps), if it has any
+        views.write_back(trained)  # into head's convs (the trained centre taps), if it has any
         history = json.loads((files / "history.json").read_text())
         # On exactly the base the cached features came from (its layers, not a second build of it),
         # the best epoch of the best trial's head.
