@@ -51,21 +51,15 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from tlkit.data import DataError
+        from tlkit.features import FeatureCacheError
+        from tlkit.models import ModelError
+        from tlkit.registry import RegistryError
         from tlkit.spec import SpecError
+        from tlkit.tracking import TrackingError
 
-        usage_errors = (SpecError,)
-        runtime_errors: tuple = ()
-        try:
-            from tlkit.data import DataError
-            from tlkit.features import FeatureCacheError
-            from tlkit.models import ModelError
-            from tlkit.registry import RegistryError
-            from tlkit.tracking import TrackingError
-
-            usage_errors += (DataError, ModelError, RegistryError)
-            runtime_errors += (TrackingError, FeatureCacheError)
-        except ImportError:  # pragma: no cover - a broken install shows itself below
-            pass
+        usage_errors = (SpecError, DataError, ModelError, RegistryError)
+        runtime_errors = (TrackingError, FeatureCacheError)
         debug = click.get_current_context().find_root().params.get("debug")
         try:
             return command(*args, **kwargs)
@@ -303,8 +297,8 @@ def _echo_promotion(promotion) -> None:
 
 @main.command("suite")
 @click.option("--variants", default="all",
-              help="comma-separated variants to run, in order; 'all' = baseline,conv_head,l2,sgd,dropout,"
-                   "augment,finetune,tune")
+              help="comma-separated variants to run, in order; 'all' = finetune,baseline,conv_head,l2,sgd,"
+                   "dropout,tune,augment")
 @common_options
 @_experiment_option
 @_cache_dir_option

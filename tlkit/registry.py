@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +176,6 @@ class Promotion:
     promoted: bool  # @champion moved to `version` by this call
     champion: str  # the version that holds @champion after this call
     message: str  # what was decided and why, one line
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def default_model_name(dataset: str, base: str) -> str:

@@ -19,7 +19,6 @@ suite goes on, and the suite fails at the end.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import tempfile
 import time
@@ -77,8 +76,6 @@ def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
 
     if variant != "tune":
         return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
-    if importlib.util.find_spec("tlkit.tune") is None:
-        raise RuntimeError("tlkit.tune is not installed in this tlkit")
     from tlkit import tune
 
     return tune.tune(spec, cache_dir=cache_dir, nested=True, dataset=dataset)
