@@ -35,6 +35,8 @@ def test_recipe_runs_every_stage_and_chooses_on_validation_accuracy(image_folder
         assert run.data.params["preprocess"] == best_input.data.params["preprocess"]
     assert by_stage["flip"][0].data.params["flip"] == "True"
     assert by_stage["finetune"][0].data.params["unfreeze"] == "block5"
+    # The frozen stages cached below block5, so fine-tuning made no pass of its own.
+    assert by_stage["finetune"][0].data.tags["feature_cache"] == "hit"
     contenders = by_stage["head"] + by_stage["flip"] + by_stage["finetune"]
     assert parent.data.tags["best_run_id"] in {r.info.run_id for r in contenders}
     best = mlflow.get_run(parent.data.tags["best_run_id"])

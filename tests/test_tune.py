@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -104,10 +105,13 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
 
 def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
     # The trials train the conv through its centre tap (views.training_view) and save that form;
-    # the parent puts the best one back into the 3x3 conv of the logged network.
+    # the parent puts the best one back into the 3x3 conv of the logged network. With cached flips:
+    # the trials draw from the mirrored training images' features too.
     result = cli("tune", "--data", str(image_folder), *FAST, "--head", "conv", "--conv-filters", "8",
-                 "--max-trials", "2", "--search-dir", str(tmp_path / "search"))
+                 "--max-trials", "2", "--search-dir", str(tmp_path / "search"), "--flip")
     assert result.exit_code == 0, result.output
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    assert [m["fields"].get("transform") for m in metas].count("hflip") == 1
     [parent] = runs("search")
     trial_runs = runs("trial")
     check_trial_runs(trial_runs, parent.info.run_id, 2)

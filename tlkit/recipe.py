@@ -93,6 +93,9 @@ def _diff_from_defaults(spec: dict) -> dict:
 def search(overrides: dict, *, stages=None, experiment: str | None = None, cache_dir: str | None = None,
            output: str | None = None) -> RecipeResult:
     """Run the stages under one parent run; returns the chosen configuration and everything tried."""
+    import gc
+
+    import keras
     import mlflow
 
     from tlkit import spec as specs, tracking, train
@@ -152,6 +155,9 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
                         log.error("recipe: %s failed: %s", name, attempt.error)
                         while mlflow.active_run() and mlflow.active_run().info.run_id != parent.info.run_id:
                             mlflow.end_run("FAILED")
+                    finally:
+                        keras.backend.clear_session()  # drop the finished configuration's graph and weights
+                        gc.collect()
                     attempt.seconds = time.perf_counter() - clock
                     tried.append(attempt)
                     if not attempt.error:

@@ -1,7 +1,7 @@
 """The suite: every variant as a child run of one parent run, compared, the best promoted.
 
     suite (parent run)
-      baseline, conv_head, l2, sgd, dropout, augment, finetune, tune   (one child run each)
+      finetune, baseline, conv_head, l2, sgd, dropout, tune, augment   (one child run each)
       comparison/  test_accuracy.png, comparison.txt / .csv / .json    (on the parent)
 
 The children run in this process, one after the other, not as `mlflow.projects.run` subprocesses:
@@ -11,9 +11,9 @@ first computes the features and the rest read them (their `feature_cache` tags s
 hit), and the data is decoded once for all of them (shared_dataset). finetune runs first: it
 caches below the block it unfreezes and stores the base's output from those features too
 (train.frozen_features), so the whole suite makes one pass of the base; the tuner's trials read
-the same entry; augment runs the whole network every epoch. The cost of one process: a child that
-crashes the interpreter (out of memory) ends the suite; a child that raises is marked FAILED, the
-suite goes on, and the suite fails at the end.
+the same entry; augment adds one pass over the mirrored training images (its cached flips).
+The cost of one process: a child that crashes the interpreter (out of memory) ends the suite; a
+child that raises is marked FAILED, the suite goes on, and the suite fails at the end.
 """
 
 from __future__ import annotations

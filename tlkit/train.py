@@ -98,8 +98,8 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     """The batches model.fit(x, y, batch_size, shuffle=True) trains on, in the same order, as a dataset.
 
     x_mirrored: x's rows for the mirrored images. Then every epoch each sample is drawn as itself
-    or mirrored, with probability 1/2 each (a coin per sample per epoch, from the global seed like
-    the permutation): RandomFlip("horizontal")'s distribution, from the cache.
+    or mirrored, with probability 1/2 each (a coin per sample per epoch, seeded from numpy's
+    random state, which the run's seed sets): RandomFlip("horizontal")'s distribution, from the cache.
 
     Keras's array pipeline draws a permutation of the samples for each iterator (tf.random.shuffle,
     seeded from the global seed), cuts it into batches (the last one partial) and gathers each
