@@ -9,9 +9,9 @@ rounding:
 - a 'same' conv on a map of at most SMALL_MAP_POSITIONS positions (VGG16's block5 at 2x2 for 32 px
   images, 3x3 for 48 px) trains as one matrix product over its patches (Im2colConv2D), reading
   and updating the conv's own kernel and bias. TensorFlow's CPU convolution and its two gradient
-  kernels spend most of their time on bookkeeping at such sizes; one GEMM of (batch x positions,
-  taps x channels) by (taps x channels, filters) runs near the core's peak. Measured in
-  benchmarks/finetune_speed.py; the figures are in the README.
+  kernels are slow at such sizes; one GEMM of (batch x positions, taps x channels) by
+  (taps x channels, filters) runs near the cores' peak. Measured in benchmarks/small_map_conv.py
+  and benchmarks/finetune_speed.py; the figures are in the README.
 
 TLKIT_PLAIN_KERAS=1 turns both off: training then runs the plain Keras layers (the ordinary way,
 to check any result against).
@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 
 # A conv's map of at most this many positions trains as one matrix product. One training step of
-# VGG16's block5 (three 512-filter 3x3 convs, batch 32, fused Adam) on 2 CPU cores: 2x2 maps
-# 64 -> 30 ms, 3x3 maps 76 -> 55 ms, 4x4 maps 96 -> 90 ms (within noise): so up to 3x3.
+# VGG16's block5 (three 512-filter 3x3 convs, batch 32, fused Adam) on 2 CPU cores, medians of 3
+# (benchmarks/small_map_conv.py): 2x2 maps 1.89x faster, 3x3 1.21x, 4x4 1.02x: so up to 3x3.
 SMALL_MAP_POSITIONS = 9
 
 PLAIN_KERAS_ENV = "TLKIT_PLAIN_KERAS"
