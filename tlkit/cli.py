@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -265,11 +266,8 @@ def recipe_command(output: str | None, experiment: str | None, cache_dir: str | 
     except recipe.RecipeError as err:
         raise click.ClickException(str(err)) from None
     path = output or f"recipe-{result.run_id}.toml"
-    if not output:
-        import mlflow
-
-        mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="chosen.toml", dst_path=".")
-        os.replace("chosen.toml", path)
+    if not output:  # the text search() logged as chosen.toml: no download, no file of the user's overwritten
+        Path(path).write_text(result.variant_text)
     click.echo(recipe.table(result))
     click.echo(f"run {result.run_id}: chosen {result.chosen.name}, val_accuracy {result.chosen.val_accuracy:.4f}, "
                f"test_accuracy {result.chosen.test_accuracy:.4f}, {result.seconds / 60:.1f} min; variant file {path}")

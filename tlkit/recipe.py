@@ -74,6 +74,7 @@ class RecipeResult:
     chosen: Tried
     tried: list[Tried] = field(default_factory=list)
     seconds: float = 0.0
+    variant_text: str = ""  # the chosen configuration as a variant file (also the parent's chosen.toml)
 
 
 def variant_file(diff: dict, description: str) -> str:
@@ -187,7 +188,7 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
         mlflow.set_tags({"best_run_id": chosen.run_id, "best_configuration": chosen.name})
         if output:
             Path(output).write_text(text)
-    return RecipeResult(run_id=parent.info.run_id, chosen=chosen, tried=tried, seconds=seconds)
+    return RecipeResult(run_id=parent.info.run_id, chosen=chosen, tried=tried, seconds=seconds, variant_text=text)
 
 
 def table(result: RecipeResult) -> str:
