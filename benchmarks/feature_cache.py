@@ -223,7 +223,7 @@ def compare(args) -> None:
     if not args.skip_suite:
         from tlkit import tune
 
-        tune_trials = 0 if args.no_tune else tune.OPTIONS["max_trials"]  # the suite's search: the seed's 6 trials
+        tune_trials = 0 if args.no_tune else tune.load_search().max_trials  # the suite's search: the seed's 6 trials
         suite = in_child(tlkit_suite, args, FROZEN_SUITE + (["tune"] if tune_trials else []))
         # The seed's suite: 5 variants and a search of `tune_trials` trials on the full network,
         # each variant and the search's best model then evaluated, at the baseline's measured costs.

@@ -1,18 +1,17 @@
 """One training step of VGG16's block5 shape (three 512-filter 3x3 'same' convs, pooled, a Dense
 head) on HxW maps: TensorFlow's convolution (plain Keras) against tlkit's training view
-(views.Im2colConv2D: one matrix product over the zero-padded patches, on the conv's own weights).
+(tlkit/fastpath/views.py Im2colConv2D: one matrix product over the zero-padded patches, on the
+conv's own weights). The conv rewrite alone: both ways train with tlkit's fused Adam.
 
     python benchmarks/small_map_conv.py --sizes 2,3,4 --repeats 3
 
-Batch 32, tlkit's fused Adam, random inputs and labels; each way warms up (traces) first and is
-timed over --steps steps; the two ways alternate within each repeat. views.SMALL_MAP_POSITIONS is
-set from these figures.
+Batch 32, random inputs and labels; each way warms up (traces) first and is timed over --steps
+steps; the two ways alternate within each repeat. views.SMALL_MAP_POSITIONS is set from these figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -35,11 +34,10 @@ def block(size: int, seed: int = 0):
 def ms_per_step(size: int, plain: bool, steps: int) -> float:
     import keras
 
-    from tlkit import models, spec as specs, views
+    from tlkit.fastpath import optimizers, views
 
-    os.environ[views.PLAIN_KERAS_ENV] = "1" if plain else ""
-    view = views.training_view(block(size))
-    models.compile_for_training(view, specs.DEFAULTS, 1e-4)
+    view = views.training_view(block(size), rewrite=not plain)
+    view.compile(optimizer=optimizers.Adam(1e-4), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, size, size, 512)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 10, 32), 10)

@@ -21,40 +21,57 @@ def test_keras_optimizer_internals_that_the_fused_updates_read():
         variable = keras.Variable([1.0, 2.0])
         optimizer.build([variable])
         need(callable(getattr(optimizer, "_get_variable_index", None)), f"{cls.__name__}._get_variable_index",
-             "tlkit/optimizers.py")
+             "tlkit/fastpath/optimizers.py")
         index = optimizer._get_variable_index(variable)
         for slot in slots:
             need(hasattr(optimizer, slot) and tuple(getattr(optimizer, slot)[index].shape) == (2,),
-                 f"{cls.__name__}.{slot}", "tlkit/optimizers.py")
+                 f"{cls.__name__}.{slot}", "tlkit/fastpath/optimizers.py")
     need(hasattr(keras.Variable([1.0]).value, "handle"), "keras.Variable.value.handle (TensorFlow backend)",
-         "tlkit/optimizers.py")
+         "tlkit/fastpath/optimizers.py")
 
 
 def test_mlflow_active_experiment_lookup():
     import mlflow.tracking.fluent as fluent
 
     need(callable(getattr(fluent, "_get_experiment_id", None)), "mlflow.tracking.fluent._get_experiment_id",
-         "tlkit/registry.py, tracking.py, tune.py")
+         "tlkit/tracking.py experiment_id()")
 
 
-@pytest.mark.parametrize("module, names", [
-    ("keras_tuner.src.engine.tuner_utils", ()),
-    ("keras_tuner.src.engine.trial", ("TrialStatus",)),
-    ("keras_tuner.src.protos", ("get_service_grpc",)),
-    ("keras_tuner.src.distribute.oracle_chief", ("OracleServicer",)),
+@pytest.mark.parametrize("module, names, used_by", [
+    ("keras_tuner.src.engine.tuner_utils", ("convert_to_metrics_dict", "get_best_step"), "tlkit/tune/trials.py"),
+    ("keras_tuner.src.protos", ("get_service_grpc",), "tlkit/tune/distributed.py"),
+    ("keras_tuner.src.distribute.oracle_chief", ("OracleServicer", "exit_chief"), "tlkit/tune/distributed.py"),
 ])
-def test_keras_tuner_modules_that_tune_imports(module, names):
+def test_keras_tuner_modules_that_tune_imports(module, names, used_by):
     try:
         loaded = importlib.import_module(module)
     except ImportError:
         loaded = None
-    need(loaded is not None, module, "tlkit/tune.py")
+    need(loaded is not None, module, used_by)
     for name in names:
-        need(hasattr(loaded, name), f"{module}.{name}", "tlkit/tune.py")
+        need(hasattr(loaded, name), f"{module}.{name}", used_by)
 
 
 def test_keras_tuner_hooks_that_tune_overrides():
     import keras_tuner
 
     for name in ("_build_and_fit_model", "_get_checkpoint_fname", "_get_build_config_fname", "run_trial"):
-        need(callable(getattr(keras_tuner.Tuner, name, None)), f"keras_tuner.Tuner.{name}", "tlkit/tune.py")
+        need(callable(getattr(keras_tuner.Tuner, name, None)), f"keras_tuner.Tuner.{name}", "tlkit/tune/trials.py")
+
+
+def test_keras_tuner_trial_status_is_the_string_finish_compares():
+    import keras_tuner
+
+    from tlkit.tune import search
+
+    need(getattr(keras_tuner.engine.trial.TrialStatus, "COMPLETED", None) == "COMPLETED",
+         "keras_tuner TrialStatus.COMPLETED == 'COMPLETED'", search.__name__)
+
+
+def test_tensorflow_data_experimental_names_the_training_batches_use():
+    import tensorflow as tf
+
+    need(callable(getattr(tf.data.experimental, "assert_cardinality", None)), "tf.data.experimental.assert_cardinality",
+         "tlkit/fastpath/batches.py")
+    need(hasattr(tf.data.experimental.ExternalStatePolicy, "IGNORE"), "tf.data.experimental.ExternalStatePolicy.IGNORE",
+         "tlkit/fastpath/batches.py")

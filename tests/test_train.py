@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlkit import data, models, spec as specs, views
+from tlkit import data, models, spec as specs
 from tlkit.cli import main
 from tlkit.train import long_lived_objects_frozen, train
 
@@ -67,7 +67,9 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
     client = mlflow.MlflowClient()
     stage_runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
                                     output_format="list")
-    fitted = stage_runs if variant == "finetune" else [run]
+    fitted = stage_runs if variant in ("finetune", "tune") else [run]  # stages; a search's trials
+    if variant == "tune":
+        assert {r.data.tags["stage"] for r in stage_runs} == {"trial"} and len(stage_runs) == 6  # the seed's 6
     for r in fitted:
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "val_loss")) >= 1
@@ -135,192 +137,6 @@ def test_finetune_for_0_epochs_is_the_head_alone(image_folder, tracking):
     assert [r.data.tags["stage"] for r in stages] == ["head"]
     accuracy, _ = pyfunc_accuracy(f"runs:/{run.info.run_id}/model", data.load(str(image_folder), seed=1995))
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
-
-
-def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
-    """The training view computes what the 3x3 conv computes and, under SGD (no sign-taking step
-    to amplify rounding, as Adam's first steps do), trains it to the same weights."""
-    import keras
-
-    spec = specs.load("conv_head", {"weights": "none", "conv_filters": 8, "units": 8, "optimizer": "sgd",
-                                    "momentum": 0.9, "learning_rate": 0.05})
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 1, 1, 16)).astype("float32")
-    y = keras.utils.to_categorical(rng.integers(0, 3, 64), 3)
-
-    def head():
-        keras.utils.set_random_seed(3)
-        inputs = keras.Input((1, 1, 16))
-        return keras.Model(inputs, models.HEADS["conv"](inputs, spec, 3))
-
-    plain, viewed = head(), head()
-    before = viewed.get_layer("head_conv").kernel.numpy().copy()
-    view = views.training_view(viewed)
-    assert view is not viewed
-    np.testing.assert_allclose(view.predict(x, verbose=0), viewed.predict(x, verbose=0), atol=1e-6)
-    # Only the centre tap is trained: 16x8 kernel entries instead of 3x3x16x8.
-    assert models.parameter_counts(view)[0] == models.parameter_counts(plain)[0] - 8 * 16 * 8
-    for model in (plain, view):
-        models.compile_for_training(model, spec, spec["learning_rate"], models.HEAD_STEPS_PER_EXECUTION)
-        model.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
-    views.write_back(view)
-    got, want = viewed.get_layer("head_conv").kernel.numpy(), plain.get_layer("head_conv").kernel.numpy()
-    assert np.abs(got[1, 1] - before[1, 1]).max() > 1e-3  # it trained
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    off_centre = np.ones((3, 3), bool)
-    off_centre[1, 1] = False
-    np.testing.assert_array_equal(got[off_centre], before[off_centre])  # as in the plain conv: never moved
-    np.testing.assert_allclose(viewed.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-5)
-
-
-@pytest.mark.parametrize("count, dtype", [(100, "float32"), (96, "float16")])
-def test_training_batches_are_the_batches_keras_draws_from_arrays(count, dtype):
-    """train.training_batches against Keras's own array pipeline (what model.fit(x, y, shuffle=True)
-    trains on): the same batches in the same order, every iterator (epoch), the last one partial or
-    not, float16 features cast to float32 as Keras casts them."""
-    import keras
-    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
-
-    from tlkit import train
-
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(count, 1, 1, 4)).astype(dtype)
-    y = keras.utils.to_categorical(rng.integers(0, 3, count), 3)
-
-    def epochs(dataset):
-        return [[tuple(np.asarray(t) for t in batch) for batch in dataset] for _ in range(2)]
-
-    keras.utils.set_random_seed(4)
-    ours = epochs(train.training_batches(x, y, 8))
-    keras.utils.set_random_seed(4)
-    theirs = epochs(ArrayDataAdapter(x, y, batch_size=8, shuffle=True).get_tf_dataset())
-    assert len(ours[0]) == len(theirs[0]) == -(-count // 8)
-    for our_epoch, their_epoch in zip(ours, theirs):
-        for (our_x, our_y), (their_x, their_y) in zip(our_epoch, their_epoch):
-            assert our_x.dtype == their_x.dtype == np.float32 and our_y.dtype == their_y.dtype
-            np.testing.assert_array_equal(our_x, their_x)
-            np.testing.assert_array_equal(our_y, their_y)
-    assert not np.array_equal(ours[0][0][0], x[:8].astype("float32"))  # shuffled
-
-
-def test_fit_is_the_seeds_model_fit_to_the_last_digit():
-    """train.fit states validation_steps (one validation iterator an epoch, not two), builds the
-    optimizer and metrics before fit and trains a view: none may change a number against the
-    seed's plain compile and model.fit. Partial last batches in both splits, shuffling on."""
-    import types
-
-    import keras
-
-    from tlkit import train
-
-    spec = specs.load("baseline", {"weights": "none", "units": 8, "batch_size": 8, "patience": 0})
-    rng = np.random.default_rng(0)
-    x = {"train": rng.normal(size=(100, 1, 1, 16)).astype("float32"),
-         "val": rng.normal(size=(20, 1, 1, 16)).astype("float32")}
-    dataset = types.SimpleNamespace(y_train=keras.utils.to_categorical(rng.integers(0, 3, 100), 3),
-                                    y_val=keras.utils.to_categorical(rng.integers(0, 3, 20), 3))
-
-    def head():
-        keras.utils.set_random_seed(3)
-        inputs = keras.Input((1, 1, 16))
-        return keras.Model(inputs, models.HEADS["dense"](inputs, spec, 3))
-
-    ours = train.fit(head(), x, dataset, spec, epochs=4, learning_rate=1e-2,
-                     steps_per_execution=models.HEAD_STEPS_PER_EXECUTION)
-    seeds = head()  # compiled as the seed compiles: Keras builds the optimizer and metrics inside fit
-    seeds.compile(optimizer=models.optimizer(spec["optimizer"], 1e-2, spec["momentum"]),
-                  loss="categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=models.HEAD_STEPS_PER_EXECUTION)
-    keras.utils.set_random_seed(3)
-    want = seeds.fit(x["train"], dataset.y_train, validation_data=(x["val"], dataset.y_val), epochs=4,
-                     batch_size=8, verbose=0).history
-    assert set(ours) == set(want) and len(want["val_loss"]) == 4
-    for key in want:
-        assert ours[key] == want[key], key
-
-
-def test_score_is_what_keras_evaluate_and_predict_say():
-    """train.score calls the model eagerly in chunks (models.infer); the numbers are model.evaluate's
-    and model.predict's: inference mode (dropout off, BatchNorm's moving statistics), a partial last chunk."""
-    import keras
-
-    from tlkit import train
-
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((1, 1, 16))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.BatchNormalization()(keras.layers.Dense(32, activation="relu")(x))
-    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Dropout(0.5)(x))
-    model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(1)
-    x_train, x_test = (rng.normal(size=(n, 1, 1, 16)).astype("float32") for n in (64, models.INFERENCE_BATCH + 44))
-    y_train, y_test = (keras.utils.to_categorical(rng.integers(0, 3, n), 3) for n in (64, len(x_test)))
-    models.compile_for_training(model, specs.load("baseline", {"weights": "none"}), 1e-2)
-    model.fit(x_train, y_train, epochs=2, verbose=0)  # moving statistics away from their initial values
-    loss, accuracy, probabilities = train.score(model, x_test, y_test)
-    want_loss, want_accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
-    np.testing.assert_allclose(probabilities, model.predict(x_test, verbose=0), atol=1e-6)
-    assert loss == pytest.approx(want_loss, abs=1e-5) and accuracy == pytest.approx(want_accuracy, abs=1e-7)
-    assert probabilities.shape == (len(x_test), 3)
-
-
-@pytest.mark.parametrize("shape, regularized", [((5, 5, 16), False), ((1, 1, 16), True), ((2, 2, 16), True)])
-def test_a_conv_without_a_faster_exact_form_trains_as_it_is(shape, regularized):
-    import keras
-
-    inputs = keras.Input(shape)
-    conv = keras.layers.Conv2D(4, 3, padding="same", kernel_regularizer=keras.regularizers.l2(0.01) if regularized else None)
-    model = keras.Model(inputs, conv(inputs))
-    view = views.training_view(model)
-    assert view is not model and conv in view.layers  # a model of its own over the conv itself
-    assert not any(hasattr(layer, "write_back") for layer in view.layers)
-
-
-def test_a_conv_on_a_small_map_trains_as_one_matrix_product_on_its_own_weights():
-    """VGG16's block5 at 2x2 (and a 3x3 map) in fine-tuning's view: the same outputs, the conv's own
-    variables trained in place, and under SGD (no sign-taking step to amplify rounding, as Adam's
-    first steps do) the same weights after training as the plain Keras conv, to float rounding."""
-    import keras
-
-    spec = specs.load("finetune", {"weights": "none", "units": 8, "optimizer": "sgd", "momentum": 0.9})
-    rng = np.random.default_rng(0)
-    y = keras.utils.to_categorical(rng.integers(0, 3, 32), 3)
-    for size, positions in ((32, (2, 2)), (48, (3, 3))):
-        def network():
-            keras.utils.set_random_seed(3)
-            built = models.build(dict(spec, image_size=size), 3)
-            models.set_unfrozen(built, True)
-            return built
-
-        plain, viewed = network(), network()
-        x = rng.normal(size=(32, *plain.trainable.input.shape[1:])).astype("float32")
-        view = views.training_view(viewed.trainable)
-        replaced = [layer for layer in view.get_layer(viewed.upper.name).layers if type(layer).__name__ == "Im2colConv2D"]
-        assert [layer.conv.name for layer in replaced] == ["block5_conv1", "block5_conv2", "block5_conv3"]
-        assert tuple(replaced[0].conv.input.shape[1:3]) == positions
-        # The same variables, not copies: what trains is the logged network's block5.
-        assert {id(v) for v in view.trainable_variables} == {id(v) for v in viewed.trainable.trainable_variables}
-        np.testing.assert_allclose(view(x, training=False), viewed.trainable(x, training=False), rtol=1e-4, atol=1e-5)
-        for model in (plain.trainable, view):
-            models.compile_for_training(model, spec, 1e-3)
-            model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
-        got = viewed.base.get_layer("block5_conv3").kernel.numpy()
-        want = plain.base.get_layer("block5_conv3").kernel.numpy()
-        before = network().base.get_layer("block5_conv3").kernel.numpy()
-        assert np.abs(want - before).max() > 1e-4  # it trained
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_plain_keras_switch_trains_the_layers_as_they_are(monkeypatch):
-    import keras
-
-    inputs = keras.Input((2, 2, 8))
-    conv = keras.layers.Conv2D(4, 3, padding="same")
-    model = keras.Model(inputs, conv(inputs))
-    assert conv not in views.training_view(model).layers
-    monkeypatch.setenv(views.PLAIN_KERAS_ENV, "1")
-    view = views.training_view(model)
-    assert view is not model and conv in view.layers
 
 
 def test_long_lived_objects_are_frozen_once_and_thawed_after():
@@ -453,39 +269,10 @@ def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, t
     np.testing.assert_allclose(np.array(fresh.test), direct, rtol=1e-4, atol=1e-5)
 
 
-def test_mirrored_batches_draw_each_sample_once_as_itself_or_mirrored():
-    """`flip` from the cache: every epoch each training sample comes once, as itself or as its
-    mirror image (a fair coin per sample per epoch), with its own label."""
-    import keras
-
-    from tlkit import train
-
-    count = 200
-    x = np.arange(count, dtype="float32").reshape(count, 1, 1, 1)
-    y = keras.utils.to_categorical(np.arange(count) % 3, 3)
-    keras.utils.set_random_seed(4)
-    batches = train.training_batches(x, y, 8, x_mirrored=-x - 1000)
-    coins = []
-    for _ in range(2):  # a new iterator, a new draw: as Keras starts one an epoch
-        xs, ys = zip(*[(np.asarray(bx).ravel(), np.asarray(by)) for bx, by in batches])
-        xs, ys = np.concatenate(xs), np.concatenate(ys)
-        flipped = xs < 0
-        ids = np.where(flipped, -xs - 1000, xs).astype(int)
-        assert sorted(ids) == list(range(count))
-        np.testing.assert_array_equal(ys, y[ids])
-        assert 60 < flipped.sum() < 140  # p = 1/2 each
-        coins.append(flipped[np.argsort(ids)])
-    assert not np.array_equal(coins[0], coins[1])
-    with pytest.raises(ValueError, match="mirrored training features"):
-        train.training_batches(x, y, 8, x_mirrored=x[:10])
-
-
 def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, tracking, tmp_path):
     """finetune with flips: the mirror images of the training split get entries of their own (train
     alone), at block4_pool and, derived, at the base's output; a frozen variant after it reuses them
     (no new pass); the stored features are the extractor's on the mirrored images."""
-    import keras
-
     result = cli("train", "finetune", "--data", str(image_folder), *FAST, "--flip", "--finetune-epochs", "1")
     assert result.exit_code == 0, result.output
     metas = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")}

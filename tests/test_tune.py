@@ -55,7 +55,7 @@ def check_parent(parent, trial_runs, dataset) -> None:
     best = min((r for r in trial_runs if r.data.metrics["score"] == best_score),
                key=lambda r: int(r.data.tags["trial_id"]))  # ties go to the earliest trial
     assert parent.data.tags["best_trial_run_id"] == best.info.run_id
-    for name in tune.SEARCH_SPACE:
+    for name in tune.load_search().space:
         assert parent.data.params[name] == best.data.params[name]
     metrics = parent.data.metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
@@ -104,7 +104,7 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
 
 
 def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
-    # The trials train the conv through its centre tap (views.training_view) and save that form;
+    # The trials train the conv through its centre tap (fastpath.training_view) and save that form;
     # the parent puts the best one back into the 3x3 conv of the logged network. With cached flips:
     # the trials draw from the mirrored training images' features too.
     result = cli("tune", "--data", str(image_folder), *FAST, "--head", "conv", "--conv-filters", "8",
@@ -232,7 +232,7 @@ def test_a_failing_trial_is_marked_failed_and_the_search_goes_on(tracking, tmp_p
     with tracking_module.run("tune", tags={"stage": "search"}) as parent:
         context = tune.Context(parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
                                search_key="failing", seed=3, feature_cache="miss")
-        tuner = tune.make_tuner("random", tune.hypermodel(spec, x.shape[1:], 3), context, tmp_path / "search",
+        tuner = tune.make_tuner("random", tune.hypermodel(spec, tune.load_search(), x.shape[1:], 3), context, tmp_path / "search",
                                 max_trials=5, executions_per_trial=1, epochs=1, max_model_size=limit,
                                 max_consecutive_failed_trials=5)
         tuner.search(x, y, validation_data=(x, y), epochs=1, batch_size=8, verbose=0)
@@ -290,7 +290,7 @@ def test_hyperband_continues_a_trial_with_weights_from_mlflow(image_folder, trac
     checkpoint.unlink()
     context = tune.Context(parent_run_id=result.run_id, experiment_id=trial_runs[previous].info.experiment_id,
                            search_key=trial_runs[previous].data.tags["search_key"], seed=1995, feature_cache="hit")
-    tuner = tune.make_tuner("hyperband", tune.hypermodel(spec, (1, 1, 512), 3), context, folder,
+    tuner = tune.make_tuner("hyperband", tune.hypermodel(spec, tune.load_search(), (1, 1, 512), 3), context, folder,
                             max_trials=4, executions_per_trial=1, epochs=3)
     tuner._fetch_start_weights({"tuner/trial_id": previous})
     assert checkpoint.read_bytes() == original
@@ -301,6 +301,8 @@ def test_hyperband_continues_a_trial_with_weights_from_mlflow(image_folder, trac
     (["--unfreeze", "block5"], {}, "unfreeze cannot be tuned"),
     (["--tuner", "grid"], {}, "'grid' is not one of"),
     (["--units", "512"], {}, "--units: the search sets these"),
+    (["no_such_variant"], {}, "unknown variant 'no_such_variant'"),
+    (["baseline"], {}, "variant baseline has no [search] table"),
     (["--max-trials", "0"], {}, "0 is not in the range x>=1"),
     ([], {"KERASTUNER_ORACLE_IP": "127.0.0.1"}, "KERASTUNER_ORACLE_PORT is not"),
     ([], {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": "1", "KERASTUNER_TUNER_ID": "tuner0"},
@@ -319,8 +321,8 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, tmp_path
 
 def test_a_worker_with_other_settings_than_its_chief_is_refused(image_folder, tracking, monkeypatch):
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2})
-    chief = tune.identity(spec, data.load(str(image_folder), seed=1995).digest, max_trials=4,
-                          executions_per_trial=1, tuner="random")
+    chief = tune.identity(spec, data.load(str(image_folder), seed=1995).digest,
+                          tune.load_search(max_trials=4, executions_per_trial=1, tuner="random"))
     with mlflow.start_run() as parent:
         mlflow.log_dict(chief, "search.json")  # what the chief logs before any worker starts
     for name, value in {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": "1",
@@ -335,10 +337,11 @@ def test_a_worker_with_other_settings_than_its_chief_is_refused(image_folder, tr
 def test_the_mlproject_entry_point_passes_every_parameter():
     from tlkit import mlproject
 
-    description, params, command = mlproject.TOOL_ENTRY_POINTS["tune"]
-    assert not set(tune.SEARCH_SPACE) & set(params)  # the search sets them: no parameter that does nothing
+    params = mlproject.variant_parameters("tune")
+    command = mlproject.command("tune", params)
+    assert not set(tune.load_search().space) & set(params)  # the search sets them: no parameter that does nothing
     words = shlex.split(command.format(**{k: str(v) for k, v in params.items()}))
-    assert words[:4] == ["python", "-m", "tlkit.cli", "tune"]
+    assert words[:5] == ["python", "-m", "tlkit.cli", "tune", "tune"]
     context = main.commands["tune"].make_context("tune", words[4:])  # parses and type-checks every option
     assert context.params["max_trials"] == 6 and context.params["tuner"] == "random"
     assert {k for k, v in context.params.items() if v is not None} >= set(params)

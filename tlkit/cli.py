@@ -3,6 +3,9 @@
 TensorFlow and MLflow are imported inside the commands, so `tlkit --help` answers at once.
 Exit codes: 2 for bad input (a parameter, a spec, a data source), 1 for a failure while running;
 one line on stderr, no traceback unless --debug.
+
+One module for every command (about 430 lines): a command is its options and a few lines that
+call into the module that does the work; the options shared by several are made once here.
 """
 
 from __future__ import annotations
@@ -32,19 +35,48 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def spec_options(command):
-    """One option per spec field: --kebab-name, typed like its default, unset unless given."""
-    for name, (default, help_text) in reversed(FIELDS.items()):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None,
-                                  help=f"{help_text}  [baseline: {default}]")
-        else:
-            shown = repr(default) if isinstance(default, str) else default
-            option = click.option(flag, name, type=type(default), default=None,
-                                  help=f"{help_text}  [default: the variant's; baseline: {shown}]")
-        command = option(command)
-    return command
+def field_options(names, defaults: dict | None = None, shown_as: str = "the variant's; baseline"):
+    """A decorator adding one option per spec field in `names`: --kebab-name (--name/--no-name for a
+    bool), typed like the field's default, unset (None) unless given. Help shows `defaults`' value
+    (default: the field's) as "[default: <shown_as>: value]"."""
+    from tlkit.spec import flag
+
+    def decorate(command):
+        for name in reversed(list(names)):
+            default, help_text = FIELDS[name]
+            value = (defaults or {}).get(name, default)
+            shown = repr(value) if isinstance(value, str) else value
+            note = f"  [default: {shown_as}: {shown}]" if shown_as else f"  [default: {shown}]"
+            if isinstance(default, bool):
+                option = click.option(f"{flag(name)}/{flag(name).replace('--', '--no-', 1)}", name, default=None,
+                                      help=help_text + note)
+            else:
+                option = click.option(flag(name), name, type=type(default), default=None, help=help_text + note)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+# One option per spec field: what `train`, `tune` and `recipe` take.
+spec_options = field_options(FIELDS)
+
+
+def _known_errors() -> tuple[tuple, tuple]:
+    """The one table of known failures: (bad input: exit 2, failures while running: exit 1)."""
+    from tlkit.data import DataError
+    from tlkit.features import FeatureCacheError
+    from tlkit.models import ModelError
+    from tlkit.recipe import RecipeError
+    from tlkit.registry import RegistryError
+    from tlkit.spec import SpecError
+    from tlkit.tracking import TrackingError
+    from tlkit.tune import TuneError
+
+    usage = (SpecError, DataError, ModelError, RegistryError)
+    # OSError: a file that cannot be written (pretrain's weights, a full disk), said in one line.
+    running = (TrackingError, FeatureCacheError, TuneError, RecipeError, OSError)
+    return usage, running
 
 
 def friendly_errors(command):
@@ -52,15 +84,7 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from tlkit.data import DataError
-        from tlkit.features import FeatureCacheError
-        from tlkit.models import ModelError
-        from tlkit.registry import RegistryError
-        from tlkit.spec import SpecError
-        from tlkit.tracking import TrackingError
-
-        usage_errors = (SpecError, DataError, ModelError, RegistryError)
-        runtime_errors = (TrackingError, FeatureCacheError)
+        usage_errors, runtime_errors = _known_errors()
         debug = click.get_current_context().find_root().params.get("debug")
         try:
             return command(*args, **kwargs)
@@ -71,19 +95,24 @@ def friendly_errors(command):
         except runtime_errors as err:
             if debug:
                 raise
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(_first_line(err)) from None
         except Exception as err:
             # Any other MLflow failure while running (the registry, the store): one line, exit 1.
             from mlflow.exceptions import MlflowException
 
             if debug or not isinstance(err, MlflowException):
                 raise
-            raise click.ClickException(f"MLflow: {str(err).strip().splitlines()[0][:300]}") from None
+            raise click.ClickException(f"MLflow: {_first_line(err)[:300]}") from None
         except KeyboardInterrupt:
             click.echo("tlkit: interrupted; the run is marked KILLED", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -124,10 +153,15 @@ def variants_command() -> None:
 def train_command(variant: str, experiment: str | None, cache_dir: str | None, **overrides) -> None:
     """Train VARIANT (a name from `tlkit variants`, or a .toml spec file) and log it to MLflow.
 
+    A variant with a [search] table (tune) runs its search, as `tlkit tune VARIANT` does.
+
     Example: tlkit train conv_head --data /data/cifar10 --epochs 5
     """
     from tlkit import spec as specs
 
+    if specs.variant_search(variant) is not None:  # a search variant (tune): its settings as the file says
+        _search(variant, overrides, {}, experiment=experiment, cache_dir=cache_dir)
+        return
     spec = specs.load(variant, overrides)  # every check happens before data is loaded or a run is made
     from tlkit.train import train
 
@@ -141,20 +175,7 @@ def pretrain_options(command):
     """One option per spec field that pre-training uses, its default shown as pretrain's own."""
     from tlkit.pretrain import NOT_OPTIONS, PRETRAIN
 
-    for name, (default, help_text) in reversed(FIELDS.items()):
-        if name in NOT_OPTIONS:
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = PRETRAIN.get(name, default)
-        shown = repr(default) if isinstance(default, str) else default
-        if isinstance(default, bool):
-            option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None,
-                                  help=f"{help_text}  [default: {default}]")
-        else:
-            option = click.option(flag, name, type=type(default), default=None,
-                                  help=f"{help_text}  [default: {shown}]")
-        command = option(command)
-    return command
+    return field_options([n for n in FIELDS if n not in NOT_OPTIONS], PRETRAIN, shown_as="")(command)
 
 
 @main.command("pretrain")
@@ -177,10 +198,7 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 
     spec = pretraining.pretrain_spec(overrides)  # every check before data is loaded or a run is made
     pretraining.check_output(output)
-    try:
-        run_id, path = pretraining.pretrain(spec, output=output, experiment=experiment)
-    except OSError as err:  # the weights file cannot be written: a failure while running
-        raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    run_id, path = pretraining.pretrain(spec, output=output, experiment=experiment)
     click.echo(f"run {run_id}: pretrained {spec['base']} weights")
     click.echo(str(path))
 
@@ -189,13 +207,14 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 # --- tune: keras-tuner search, one nested run per trial (tlkit/tune.py) --------------------------
 
 @main.command("tune")
+@click.argument("variant", default="tune")
 @spec_options
-@click.option("--max-trials", type=click.IntRange(min=1), default=6,
-              help="trials to run (hyperband: a cap on its brackets); the seed ran 6")
-@click.option("--executions-per-trial", type=click.IntRange(min=1), default=1,
-              help="fits per trial from fresh weights; the trial's score is their mean")
-@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default="random",
-              help="keras-tuner's search algorithm")
+@click.option("--max-trials", type=click.IntRange(min=1), default=None,
+              help="trials to run (hyperband: a cap on its brackets)  [default: the variant's; tune: 6, the seed's]")
+@click.option("--executions-per-trial", type=click.IntRange(min=1), default=None,
+              help="fits per trial from fresh weights; the trial's score is their mean  [default: the variant's; tune: 1]")
+@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default=None,
+              help="keras-tuner's search algorithm  [default: the variant's; tune: random]")
 @click.option("--workers", type=click.IntRange(min=0), default=0,
               help="worker processes on this machine; this one serves the oracle over gRPC. 0 = one process")
 @click.option("--search-dir", default=None,
@@ -204,37 +223,41 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 @_experiment_option
 @_cache_dir_option
 @friendly_errors
-def tune_command(max_trials: int, executions_per_trial: int, tuner: str, workers: int, search_dir: str | None,
-                 experiment: str | None, cache_dir: str | None, **overrides) -> None:
-    """Search the head's units (256..1024), l2 and learning rate (1e-4..1e-2, log) with keras-tuner.
+def tune_command(variant: str, max_trials: int | None, executions_per_trial: int | None, tuner: str | None,
+                 workers: int, search_dir: str | None, experiment: str | None, cache_dir: str | None,
+                 **overrides) -> None:
+    """Search the head with keras-tuner: VARIANT is a variant with a [search] table (default: tune,
+    the seed's search of units 256..1024, l2 and learning rate 1e-4..1e-2, log).
 
-    The spec options set everything else (the baseline's values by default). One parent run, one
-    nested run per trial; the best trial's whole network is evaluated and logged as `model`.
-    With KERASTUNER_ORACLE_IP, _PORT and _TUNER_ID=tunerK (and TLKIT_PARENT_RUN_ID) set, this runs
-    as a worker for that chief instead; with _TUNER_ID=chief it serves the oracle at that address.
+    The spec options set everything the search does not (the variant's values by default). One
+    parent run, one nested run per trial; the best trial's whole network is evaluated and logged
+    as `model`. With KERASTUNER_ORACLE_IP, _PORT and _TUNER_ID=tunerK (and TLKIT_PARENT_RUN_ID) set,
+    this runs as a worker for that chief instead; with _TUNER_ID=chief it serves the oracle there.
 
     Example: tlkit tune --data /data/cifar10 --max-trials 12 --tuner bayesian --workers 2
     """
+    _search(variant, overrides, dict(max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner),
+            workers=workers, search_dir=search_dir, experiment=experiment, cache_dir=cache_dir)
+
+
+def _search(variant: str, overrides: dict, settings: dict, *, workers: int = 0, search_dir: str | None = None,
+            experiment: str | None, cache_dir: str | None) -> None:
+    """A search variant, as `tlkit tune` and `tlkit train` run it."""
     from tlkit import spec as specs, tune
 
-    searched = [f"--{name.replace('_', '-')}" for name in tune.SEARCH_SPACE if overrides.get(name) is not None]
+    search = tune.load_search(variant, **settings)
+    searched = [specs.flag(name) for name in search.space if overrides.get(name) is not None]
     if searched:
-        raise click.UsageError(f"{', '.join(searched)}: the search sets these; see tlkit/tune.py SEARCH_SPACE")
-    spec = specs.load("baseline", overrides)  # every check before data is loaded or a run is made
-    settings = dict(max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner)
-    try:
-        if tune.role() == "worker":
-            if workers:
-                raise specs.SpecError("a worker cannot start workers: --workers must be 0")
-            parent, count = tune.work(spec, **settings, search_dir=search_dir, cache_dir=cache_dir)
-            click.echo(f"worker {os.environ['KERASTUNER_TUNER_ID']}: {count} trial(s) under run {parent}")
-            return
-        result = tune.tune(spec, **settings, workers=workers, search_dir=search_dir, experiment=experiment,
-                           cache_dir=cache_dir)
-    except tune.TuneError as err:
-        if click.get_current_context().find_root().params.get("debug"):
-            raise
-        raise click.ClickException(str(err)) from None
+        raise specs.SpecError(f"{', '.join(searched)}: the search sets these (the variant's [search.space])")
+    spec = specs.load(variant, overrides)  # every check before data is loaded or a run is made
+    if tune.role() == "worker":
+        if workers:
+            raise specs.SpecError("a worker cannot start workers: --workers must be 0")
+        parent, count = tune.work(spec, search, variant=variant, search_dir=search_dir, cache_dir=cache_dir)
+        click.echo(f"worker {os.environ['KERASTUNER_TUNER_ID']}: {count} trial(s) under run {parent}")
+        return
+    result = tune.tune(spec, search, variant=variant, workers=workers, search_dir=search_dir, experiment=experiment,
+                       cache_dir=cache_dir)
     click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
 
 
@@ -261,10 +284,7 @@ def recipe_command(output: str | None, experiment: str | None, cache_dir: str | 
     specs.load("baseline", overrides)  # every check before data is loaded or a run is made
     if output and not output.endswith(".toml"):
         raise specs.SpecError(f"--output {output} must end in .toml (it is a variant file)")
-    try:
-        result = recipe.search(overrides, experiment=experiment, cache_dir=cache_dir, output=output or "")
-    except recipe.RecipeError as err:
-        raise click.ClickException(str(err)) from None
+    result = recipe.search(overrides, experiment=experiment, cache_dir=cache_dir, output=output or "")
     path = output or f"recipe-{result.run_id}.toml"
     if not output:  # the text search() logged as chosen.toml: no download, no file of the user's overwritten
         Path(path).write_text(result.variant_text)
@@ -279,13 +299,7 @@ def common_options(command):
     """One option per parameter that every suite child shares (mlproject.COMMON), unset unless given."""
     from tlkit.mlproject import COMMON
 
-    for name in reversed(COMMON):
-        default, help_text = FIELDS[name]
-        shown = repr(default) if isinstance(default, str) else default
-        command = click.option("--" + name.replace("_", "-"), name, type=type(default), default=None,
-                               help=f"{help_text}  [default: each variant's; baseline: {shown}]")(command)
-    return command
-
+    return field_options(COMMON, shown_as="each variant's; baseline")(command)
 
 
 def _echo_promotion(promotion) -> None:

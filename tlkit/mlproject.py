@@ -1,7 +1,8 @@
 """Writes MLproject from the specs, so its parameters and defaults cannot drift from them.
 
 Every variant entry point takes the common parameters plus the ones its experiments/ file sets
-(and `units`, the head's width, everywhere). Run `python -m tlkit.mlproject > MLproject` after
+(and `units`, the head's width, everywhere but where a search sets it); a search variant (tune)
+takes its search settings too and runs `tlkit tune`. Run `python -m tlkit.mlproject > MLproject` after
 changing a spec; a test checks that the committed file is current.
 """
 
@@ -20,11 +21,26 @@ def _parameter(name: str, value) -> str:
 
 
 def variant_parameters(variant: str) -> dict:
+    """The entry point's parameters: the common ones and the variant's own (less the fields a
+    search variant searches), then a search variant's settings."""
     diff, _ = specs.read_variant(variant)
     spec = specs.merge(diff)
+    search = specs.variant_search(variant)
+    searched = (search or {}).get("space", {})
     names = COMMON + [k for k in diff if k not in COMMON and not isinstance(spec[k], bool)
                       and k not in ("head", "optimizer")]
-    return {name: spec[name] for name in names}
+    params = {name: spec[name] for name in names if name not in searched}
+    if search is not None:
+        params.update({name: search[name] for name in ("max_trials", "executions_per_trial", "tuner") if name in search})
+        params["workers"] = 0
+    return params
+
+
+def command(variant: str, params: dict) -> str:
+    """`tlkit train VARIANT` (`tlkit tune VARIANT` for a search) with every parameter substituted."""
+    tool = "tune" if specs.variant_search(variant) is not None else "train"
+    options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
+    return f"python -m tlkit.cli {tool} {variant} {options}"
 
 
 # Entry points that are not a single variant: name -> (description, {parameter: default}, command).
@@ -38,7 +54,7 @@ def _pretrain_entry_point() -> tuple[str, dict, str]:
     spec = specs.merge(PRETRAIN)
     params = {name: spec[name] for name in COMMON}
     params["output"] = ""  # '' = ./pretrained/<base>-<sha256[:12]>.weights.h5 in the project folder
-    options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)
+    options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return "the seed's step 1: pre-train a base on a source data set, write its weights", params, \
         f"python -m tlkit.cli pretrain {options}"
 
@@ -46,19 +62,10 @@ def _pretrain_entry_point() -> tuple[str, dict, str]:
 TOOL_ENTRY_POINTS["pretrain"] = _pretrain_entry_point()
 
 
-def _tune_entry_point() -> tuple[str, dict, str]:
-    from tlkit import tune
-
-    return tune.entry_point(COMMON)
-
-
-TOOL_ENTRY_POINTS["tune"] = _tune_entry_point()
-
-
 def _recipe_entry_point() -> tuple[str, dict, str]:
     params = {name: specs.DEFAULTS[name] for name in COMMON if name not in ("image_size", "preprocess", "units")}
     params["output"] = "chosen.toml"
-    options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)
+    options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return ("search image size, preprocessing, head, cached flips and fine-tuning (val accuracy), "
             "one nested run per configuration", params, f"python -m tlkit.cli recipe {options}")
 
@@ -68,7 +75,7 @@ TOOL_ENTRY_POINTS["recipe"] = _recipe_entry_point()
 
 def _suite_entry_point() -> tuple[str, dict, str]:
     params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "model_name": ""}
-    options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)
+    options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return ("the main job: every variant (or a comma-separated subset) as a child run, compared, "
             "the best promoted to @champion", params, f"python -m tlkit.cli suite {options}")
 
@@ -84,12 +91,11 @@ def render() -> str:
         params = variant_parameters(variant)
         lines += [f"  # {description}", f"  {variant}:", "    parameters:"]
         lines += [_parameter(name, value) for name, value in params.items()]
-        options = " ".join(f"--{name.replace('_', '-')} {{{name}}}" for name in params)
-        lines += [f"    command: \"python -m tlkit.cli train {variant} {options}\"", ""]
-    for name, (description, params, command) in TOOL_ENTRY_POINTS.items():
+        lines += [f"    command: \"{command(variant, params)}\"", ""]
+    for name, (description, params, tool_command) in TOOL_ENTRY_POINTS.items():
         lines += [f"  # {description}", f"  {name}:", "    parameters:"]
         lines += [_parameter(key, value) for key, value in params.items()]
-        lines += [f"    command: \"{command}\"", ""]
+        lines += [f"    command: \"{tool_command}\"", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

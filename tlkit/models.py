@@ -69,6 +69,15 @@ def _conv_head(x, spec, num_classes):
 HEADS = {"dense": _dense_head, "conv": _conv_head}
 
 
+def head_model(spec: dict, feature_shape: tuple, num_classes: int):
+    """The spec's head as a model of its own: features (the frozen base's output) -> class
+    probabilities. Every head is built here: a variant's network (build) and a search's trial."""
+    import keras
+
+    features = keras.Input(shape=tuple(feature_shape), name="features")
+    return keras.Model(features, HEADS[spec["head"]](features, spec, num_classes), name="head")
+
+
 def load_base(name: str, weights: str, image_size: int, seed: int | None = None):
     """The base without its top, from keras.applications; weights 'imagenet', 'none' or a file."""
     import keras
@@ -145,12 +154,12 @@ def boundary_layer(base_model, unfreeze: str) -> str:
 class Network:
     full: object  # keras.Model: raw pixels -> class probabilities, what is logged
     extractor: object  # keras.Model: raw pixels -> features at the boundary, always frozen
-    trainable: object  # keras.Model: features -> class probabilities
+    trainable: object  # keras.Model: features at the boundary -> class probabilities (the upper block, the head)
     upper: object | None  # keras.Model: the base's block above the boundary, or None
     boundary: str  # name of the base layer whose output the extractor returns
     base: object = None  # the keras.applications model (include_top=False): what pre-training saves
-    # keras.Model: the base's output -> class probabilities, the head alone, when `upper` sits between
-    # (fine-tuning's first stage trains it on the cached base output); None when `trainable` is the head.
+    # keras.Model: the base's output -> class probabilities (head_model). It is `trainable` itself when
+    # nothing of the base trains above the boundary; fine-tuning's first stage trains it alone.
     head: object = None
 
 
@@ -184,12 +193,13 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
                              "the block depends on layers under the cut") from None
         upper.trainable = False  # the head trains first; fine-tuning unfreezes it
 
-    features = keras.Input(shape=tuple(cut.shape[1:]), name="features")
-    # training=False keeps BatchNorm layers of the base in inference mode, also once unfrozen.
-    x = upper(features, training=False) if upper is not None else features
-    head = HEADS[spec["head"]](x, spec, num_classes)
-    trainable = keras.Model(features, head, name="trainable")
-    head_alone = keras.Model(x, head, name="head") if upper is not None else None  # the same layers
+    head = head_model(spec, (upper.output if upper is not None else cut).shape[1:], num_classes)
+    if upper is None:
+        trainable = head
+    else:
+        features = keras.Input(shape=tuple(cut.shape[1:]), name="features")
+        # training=False keeps BatchNorm layers of the base in inference mode, also once unfrozen.
+        trainable = keras.Model(features, head(upper(features, training=False)), name="trainable")
 
     pixels = keras.Input(shape=(size, size, 3), name="pixels")
     x = preprocessing_layer(spec["base"], spec["preprocess"])(pixels)
@@ -202,7 +212,7 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
     base_mode = None if spec["trainable_base"] else False
     full = keras.Model(pixels, trainable(lower(x, training=base_mode)), name="full")
     return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary,
-                   base=base_model, head=head_alone)
+                   base=base_model, head=head)
 
 
 def extractor_to(network: Network, spec: dict, layer: str):
@@ -237,52 +247,6 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, frozen
 
 
-# Steps per call into TensorFlow when a head trains on cached features. A step of the Dense head
-# is microseconds of arithmetic and milliseconds of dispatch, callbacks and metric reads: 10 epochs
-# on 4,500 features took 5.5 s at 1 step per call and 3.0-3.7 s at 32, with the same losses to the
-# last digit (the same batches in the same order). Training through the whole base keeps 1 step:
-# a step there takes seconds, and Ctrl-C is only seen between calls.
-HEAD_STEPS_PER_EXECUTION = 32
-
-
-# Inputs per eager call when a trained network runs in inference. Keras's predict and evaluate
-# would trace a graph for a model they see once, and trace again for the last, partial batch:
-# 0.4-0.7 s for a head on 1,000 cached test features, against 0.02-0.06 s for these calls.
-INFERENCE_BATCH = 256
-
-
-def infer(model, x) -> np.ndarray:
-    """model's outputs on x in inference mode (dropout off, BatchNorm's moving statistics), by eager
-    calls on chunks of INFERENCE_BATCH: the numbers model.predict gives (tests/test_train.py)."""
-    import keras
-
-    return np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + INFERENCE_BATCH]), training=False))
-                           for i in range(0, len(x), INFERENCE_BATCH)])
-
-
-def compile_for_training(model, spec: dict, learning_rate: float, steps_per_execution: int = 1) -> None:
-    """The seed's loss and metric with the spec's optimizer: every training compile goes through here."""
-    model.compile(optimizer=optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
-                  loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps_per_execution)
-    _build_training_state(model)
-
-
-def _build_training_state(model) -> None:
-    """Create the optimizer's slots and the metrics' totals now, as Keras would inside fit.
-
-    Keras (TensorFlow backend, no distribution strategy) leaves them to the first trace of the
-    train function, and a tf.function that creates variables is traced twice, once to create them
-    and once more to run: 0.25-0.5 s of every fit of a head here. Built beforehand, with the values
-    Keras would give them (zeros; no random draw), the function is traced once and trains the same
-    numbers (tests/test_train.py compares against a plain compile)."""
-    model.optimizer.build(model.trainable_variables)
-    zeros = [np.zeros((1, *output.shape[1:]), "float32") for output in model.outputs]
-    y = zeros[0] if len(zeros) == 1 else zeros
-    model.compute_loss(y=y, y_pred=y)
-    model.compute_metrics(None, y, y)
-    model.reset_metrics()
-
-
 def compile_for_evaluation(model) -> None:
     """The seed's loss and metric, for a model that is evaluated, not trained (the logged network:
     a user's keras.saving.load_model(...).evaluate(x, y) gives the seed's numbers).
@@ -291,12 +255,3 @@ def compile_for_evaluation(model) -> None:
     builds the optimizer of a model it loads, and its default (RMSprop) would then have a slot per
     weight that the saved file does not, so every load warned that the optimizer did not match."""
     model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
-
-
-def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-    """Keras's Adam or SGD, each variable updated by one fused TensorFlow kernel (tlkit/optimizers.py)."""
-    from tlkit import optimizers
-
-    if name == "sgd":
-        return optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
-    return optimizers.Adam(learning_rate=learning_rate)

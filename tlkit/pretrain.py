@@ -71,8 +71,8 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     import keras
     import mlflow
 
-    from tlkit import features, models, tracking
-    from tlkit.train import fit, load_dataset, score
+    from tlkit import evaluate, features, models, tracking
+    from tlkit.train import fit, load_dataset
 
     chosen = check_output(output)
     folder = chosen.parent if chosen is not None else Path(DEFAULT_FOLDER)
@@ -96,19 +96,16 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
                 "classes": ",".join(dataset.class_names)}
         with tracking.run(f"pretrain-{spec['base']}", nested=nested, tags=tags) as active:
             mlflow.set_tags(tags)
-            given = mlflow.get_run(active.info.run_id).data.params  # under `mlflow run`: already logged
-            mlflow.log_params({k: v for k, v in spec.items() if k not in given})
+            tracking.log_params_once(spec)
             mlflow.log_dict(spec, "spec.json")
             tracking.log_dataset(dataset)
 
             images = {"train": dataset.x_train, "val": dataset.x_val}
             history = fit(network.full, images, dataset, spec, epochs=spec["epochs"],
-                          learning_rate=spec["learning_rate"], steps_per_execution=1)  # the whole base trains
-            test_loss, test_accuracy, _ = score(network.full, dataset.x_test, dataset.y_test)
-            mlflow.log_metrics({"test_accuracy": float(test_accuracy), "test_loss": float(test_loss),
-                                "epochs_run": float(len(history.get("loss", [])))})
-            log.info("source test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss,
-                     len(dataset.x_test))
+                          learning_rate=spec["learning_rate"], on_features=False)  # the whole base trains
+            # The source task's outcome (its reports too); the run's product is the base's weights, not a model.
+            evaluate.log_outcome(network.full, dataset.x_test, dataset, history=history, spec=spec,
+                                 metrics={"epochs_run": float(len(history.get("loss", [])))})
 
             network.base.save_weights(tmp)
             digest = features.file_sha256(tmp)

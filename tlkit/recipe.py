@@ -121,8 +121,7 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
     tried: list[Tried] = []
     with tracking.run("recipe", tags={"recipe_stages": ",".join(s for s, _, _ in stages)}) as parent, \
             tempfile.TemporaryDirectory() as tmp:
-        given = mlflow.get_run(parent.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in overrides.items() if v is not None and k not in given})
+        tracking.log_params_once({k: v for k, v in overrides.items() if v is not None})
         incumbent: Tried | None = None
         with train.long_lived_objects_frozen():
             for stage, fixed, candidates in stages:

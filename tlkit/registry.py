@@ -52,7 +52,9 @@ def experiment_id(name: str | None) -> str:
         if found is None:
             raise RegistryError(f"no experiment named {name!r} at {mlflow.get_tracking_uri()}")
         return found.experiment_id
-    return mlflow.tracking.fluent._get_experiment_id()
+    from tlkit import tracking
+
+    return tracking.experiment_id()
 
 
 def _experiment_name(name: str | None) -> str:

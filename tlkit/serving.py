@@ -53,7 +53,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         pixels = to_network_input(model_input, self.size)
         # Direct calls, not network.predict: predict would first trace a graph for this network,
         # 0.2-0.6 s on a 2-core CPU against 0.06-0.1 s for a call on 2 images (VGG16 at 32x32), and
-        # MLflow makes such a request itself when it logs the model. (tlkit's models.infer does the
+        # MLflow makes such a request itself when it logs the model. (tlkit's fastpath.predict does the
         # same; this file is bundled with the model and imports nothing of tlkit.)
         probabilities = np.concatenate([self.network(pixels[i:i + ONE_CALL_IMAGES], training=False).numpy()
                                         for i in range(0, max(len(pixels), 1), ONE_CALL_IMAGES)])  # 0 in, 0 out

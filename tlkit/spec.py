@@ -75,15 +75,35 @@ def variant_path(variant: str) -> Path:
     return path
 
 
-def read_variant(variant: str) -> tuple[dict, str]:
-    """The variant file's own keys (a diff from the defaults) and its description."""
+def _read_table(variant: str) -> tuple[Path, dict]:
     path = variant_path(variant)
     try:
-        table = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"spec file {path}: {err}") from None
+
+
+def read_variant(variant: str) -> tuple[dict, str]:
+    """The variant file's own keys (a diff from the defaults) and its description."""
+    _, table = _read_table(variant)
     description = table.pop("description", "")
+    table.pop("search", None)  # what a search variant searches: variant_search
     return table, description
+
+
+def variant_search(variant: str) -> dict | None:
+    """A search variant's [search] table (tuner, trials, the space of hyperparameters: tlkit/tune);
+    None for a variant that trains one model."""
+    path, table = _read_table(variant)
+    search = table.get("search")
+    if search is not None and not isinstance(search, dict):
+        raise SpecError(f"spec file {path}: search must be a table ([search]), got {search!r}")
+    return search
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a spec field or option: learning_rate -> --learning-rate."""
+    return "--" + name.replace("_", "-")
 
 
 def merge(overrides: dict, base: dict | None = None) -> dict:

@@ -8,7 +8,7 @@ The children run in this process, one after the other, not as `mlflow.projects.r
 TensorFlow starts once instead of once per variant (about 10 s each here), and the frozen
 variants (baseline, conv_head, l2, sgd, dropout) ask the feature cache for the same entry, so the
 first computes the features and the rest read them (their `feature_cache` tags say miss, then
-hit), and the data is decoded once for all of them (shared_dataset). finetune runs first: it
+hit), and the data is decoded once for all of them (shared_datasets). finetune runs first: it
 caches below the block it unfreezes and stores the base's output from those features too
 (train.frozen_features), so the whole suite makes one pass of the base; the tuner's trials read
 the same entry; augment adds one pass over the mirrored training images (its cached flips).
@@ -55,8 +55,7 @@ def parse_variants(text: str) -> list[str]:
         return list(DEFAULT_VARIANTS)
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
-        if name != "tune":
-            specs.variant_path(name)  # raises SpecError naming the choices
+        specs.variant_path(name)  # raises SpecError naming the choices
     if len(set(names)) != len(names):
         raise specs.SpecError(f"variants lists a name twice: {text}")
     return names
@@ -66,34 +65,56 @@ def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
     """Every child's full spec, validated before anything runs (bad input fails at once)."""
     from tlkit import spec as specs
 
-    # The tuner searches around its own spec if the tune engineer's experiments/tune.toml exists.
-    return {v: specs.load("baseline" if v == "tune" and "tune" not in specs.variant_names() else v, overrides)
-            for v in variants}
+    specs_by_variant = {v: specs.load(v, overrides) for v in variants}
+    for variant in variants:
+        search = specs.variant_search(variant)
+        if search is not None:  # a search variant (tune): its settings checked now too
+            from tlkit import tune
+
+            tune.check(specs_by_variant[variant], tune.load_search(variant))
+    return specs_by_variant
 
 
 def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
-    from tlkit import train
+    from tlkit import spec as specs, train
 
-    if variant != "tune":
+    if specs.variant_search(variant) is None:
         return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
     from tlkit import tune
 
-    return tune.tune(spec, cache_dir=cache_dir, nested=True, dataset=dataset)
+    return tune.tune(spec, variant=variant, cache_dir=cache_dir, nested=True, dataset=dataset)
 
 
-def shared_dataset(specs_by_variant: dict[str, dict]):
-    """The children's data, loaded once when they all read the same (the usual case): decoding
-    full CIFAR-10 takes 8 s, and every child then sees the same snapshot of an image folder.
-    None when they differ; then each child loads its own."""
+def _data_key(spec: dict) -> tuple:
     from tlkit import train
 
-    specs = list(specs_by_variant.values())
-    if len({tuple(str(s[k]) for k in train.DATA_FIELDS) for s in specs}) != 1:
-        return None
-    dataset = train.load_dataset(specs[0])
-    for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test, dataset.y_test):
-        array.flags.writeable = False  # a child that wrote into it would change the next child's data
-    return dataset
+    return tuple(str(spec[k]) for k in train.DATA_FIELDS)
+
+
+def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> dict[str, object]:
+    """Each child's data, loaded once per distinct data spec (usually one for all): decoding full
+    CIFAR-10 takes 8 s, and every child then sees the same snapshot of an image folder.
+
+    one_digest: the children will be compared and one promoted, which needs one test set: children
+    whose data differ in digest fail here, before any training, naming them (SpecError)."""
+    from tlkit import train
+    from tlkit.spec import SpecError
+
+    loaded: dict[tuple, object] = {}
+    for spec in specs_by_variant.values():
+        if _data_key(spec) not in loaded:
+            dataset = train.load_dataset(spec)
+            for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test,
+                          dataset.y_test):
+                array.flags.writeable = False  # a child that wrote into it would change the next child's data
+            loaded[_data_key(spec)] = dataset
+    by_variant = {v: loaded[_data_key(spec)] for v, spec in specs_by_variant.items()}
+    digests = {d.digest for d in by_variant.values()}
+    if one_digest and len(digests) > 1:
+        which = ", ".join(f"{v} ({d.digest[:12]})" for v, d in by_variant.items())
+        raise SpecError(f"the variants would be tested on different data ({which}): promotion compares one test "
+                        "set; give them the same data options, or pass --no-promote")
+    return by_variant
 
 
 def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None:
@@ -139,7 +160,7 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     plt.close(fig)
 
 
-def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | None, dataset,
+def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | None, datasets: dict,
                   suite_id: str) -> dict[str, str]:
     """Each child in turn, nested under the suite's run; returns {variant: one-line error} of those that failed."""
     import keras
@@ -152,12 +173,9 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
         log.info("suite: %s (%d of %d)", variant, number, len(variants))
         started = int(time.time() * 1000)
         try:
-            result = _run_child(variant, specs_by_variant[variant], cache_dir, dataset)
+            result = _run_child(variant, specs_by_variant[variant], cache_dir, datasets[variant])
             # Tagged, so that compare finds it even where it is not a direct child (a reopened search).
-            client = mlflow.MlflowClient()
-            client.set_tag(result.run_id, "suite", suite_id)
-            if not client.get_run(result.run_id).data.tags.get("variant"):
-                client.set_tag(result.run_id, "variant", variant)  # the tuner's run names no variant
+            mlflow.MlflowClient().set_tag(result.run_id, "suite", suite_id)
         except DataError:
             raise  # every child reads the same data: the rest would fail the same way
         except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
@@ -186,14 +204,14 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
         registry.check_model_name(model_name)  # not after an hour of training
     tracking.use_experiment(experiment)
     tracking.check_reachable()
+    # Before the suite's run: data that cannot be compared fails with nothing logged.
+    datasets = shared_datasets(specs_by_variant, one_digest=promote)
     with tracking.run("suite", tags={"suite_variants": ",".join(variants)}) as parent:
         suite_id = parent.info.run_id
-        given = mlflow.get_run(suite_id).data.params  # under `mlflow run` the project logged them
-        params = {"variants": ",".join(variants), **{k: v for k, v in overrides.items() if v is not None}}
-        mlflow.log_params({k: v for k, v in params.items() if k not in given})
-        dataset = shared_dataset(specs_by_variant)
+        tracking.log_params_once({"variants": ",".join(variants),
+                                  **{k: v for k, v in overrides.items() if v is not None}})
         with train.long_lived_objects_frozen():
-            failed = _run_children(variants, specs_by_variant, cache_dir, dataset, suite_id)
+            failed = _run_children(variants, specs_by_variant, cache_dir, datasets, suite_id)
 
         rows = registry.compare(suite=suite_id)
         result = SuiteResult(run_id=suite_id, rows=rows, failed=failed)
@@ -211,7 +229,7 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
             mlflow.log_artifacts(tmp, "comparison")
 
         if promote and finished:
-            # The children share one data spec, so they share one dataset digest.
+            # The children were tested on one dataset digest (shared_datasets).
             result.promotion = registry.promote(suite=suite_id, model_name=model_name)
             mlflow.set_tags({"registered_model": result.promotion.name,
                              "registered_version": result.promotion.version,

@@ -70,6 +70,26 @@ def check_reachable() -> str:
     return uri
 
 
+def experiment_id() -> str:
+    """The experiment new runs go to (set_experiment's, MLFLOW_EXPERIMENT_ID / _NAME's, or Default).
+
+    Private: MLflow has no public call that answers this before a run starts (its fluent API
+    resolves it internally in start_run). The one use of it in tlkit; guarded by
+    tests/test_private_apis.py, mlflow bounded below 3.18 in pyproject.toml."""
+    from mlflow.tracking import fluent
+
+    return fluent._get_experiment_id()
+
+
+def log_params_once(params: dict) -> None:
+    """Log params into the active run, less those it has already. Under `mlflow run` the project
+    logged the parameters it was given, as typed ("1e-3"), and MLflow refuses to change a param."""
+    import mlflow
+
+    given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in given})
+
+
 def autolog() -> None:
     import mlflow
 
@@ -99,23 +119,23 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
         run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     from mlflow.exceptions import MlflowException
 
-    experiment_id = None
+    target = None
     try:
         if run_id:
             active = mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
         else:
-            experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
+            target = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
             active = mlflow.start_run(run_name=run_name, nested=nested, tags=tags, parent_run_id=parent_run_id,
-                                      experiment_id=experiment_id)
+                                      experiment_id=target)
     except MlflowException as err:
         # A basic-auth server lets a new user read, not write, experiments it did not create (Default too).
         if err.error_code != "PERMISSION_DENIED" and "error code 403" not in str(err):
             raise
-        experiment_id = experiment_id or mlflow.tracking.fluent._get_experiment_id()
+        target = target or experiment_id()
         try:
-            experiment = repr(mlflow.get_experiment(experiment_id).name)
+            experiment = repr(mlflow.get_experiment(target).name)
         except MlflowException:
-            experiment = experiment_id
+            experiment = target
         raise TrackingError(f"tracking server {mlflow.get_tracking_uri()} does not let "
                             f"{os.environ.get('MLFLOW_TRACKING_USERNAME', 'this user')} write to experiment "
                             f"{experiment}: pass --experiment NAME (a new one is yours), or ask its owner "
@@ -174,7 +194,7 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     # Saved compiled for evaluation, not as anything trained: a training compile would write the
     # optimizer into model.keras (tlkit's fused Adam, which a plain `keras.saving.load_model` cannot
     # find) with its slot variables (twice the size of the trained weights). The models inside it
-    # were never compiled: training compiles views.training_view of them.
+    # were never compiled: training compiles a view of them (fastpath.compiled).
     models.compile_for_evaluation(network)
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"

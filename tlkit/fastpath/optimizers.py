@@ -5,9 +5,8 @@ variable, each a pass over the variable with a temporary. TensorFlow's own train
 (ResourceApplyAdam, ResourceApplyKerasMomentum, ResourceApplyGradientDescent) do the same
 arithmetic, in the same order (alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t);
 m += (g - m)(1 - beta_1); v += (g^2 - v)(1 - beta_2); var -= m * alpha / (sqrt(v) + epsilon)),
-in one pass. On cached features a head's step is tiny and that difference is a large part of it:
-10 epochs of a 1,024-unit Dense head on 4,500 features took 4.9-5.4 s with Keras's Adam and
-3.2-4.3 s fused; the 256-unit head 2.9-3.4 s and 2.1-2.6 s (2 CPU cores, TF 2.21).
+in one pass. On cached features a head's step is tiny and that difference is a large part of
+it (README, "Speed").
 
 The classes are Keras's own with `update_step` replaced: same constructor, same `get_config` (so
 MLflow's autologged `opt_*` parameters read as Keras's), same slot variables. Results agree with
@@ -31,7 +30,10 @@ def _fusable(gradient, variable) -> bool:
 
 
 def _handle(variable):
-    """The resource handle of a Keras variable (the optimizer's slots) or a tf.Variable (the model's,
+    """Private (`.value.handle`): the raw ops take resource handles, and a Keras variable exposes its
+    tf.Variable only as `.value`; guarded by tests/test_private_apis.py.
+
+    The resource handle of a Keras variable (the optimizer's slots) or a tf.Variable (the model's,
     which Keras's TensorFlow optimizer unwraps before update_step)."""
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
@@ -45,6 +47,8 @@ class Adam(keras.optimizers.Adam):
 
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)
+        # Private: the slots of `variable`. Keras keeps them in lists by the variable's index and has
+        # no public lookup; the kernels must update them in place. Guarded: tests/test_private_apis.py.
         index = self._get_variable_index(variable)
         tf.raw_ops.ResourceApplyAdam(
             var=_handle(variable), m=_handle(self._momentums[index]), v=_handle(self._velocities[index]),

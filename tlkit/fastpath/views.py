@@ -1,8 +1,8 @@
 """Training views: the same layers and weights, some convolutions computed a faster way for training.
 
 What is trained, evaluated, saved and logged is always the plain Keras network; a view is a model of
-its own over the same layers that fit() compiles and trains. Two rewrites, each exact up to float
-rounding:
+its own over the same layers that the door (tlkit/fastpath) compiles and trains. Two rewrites,
+each exact up to float rounding:
 
 - a 'same' 3x3 conv on a 1x1 map trains as its centre tap (CentreTap): every other tap sees only
   padding zeros, gets zero gradient and never moves;
@@ -10,28 +10,14 @@ rounding:
   images, 3x3 for 48 px) trains as one matrix product over its patches (Im2colConv2D), reading
   and updating the conv's own kernel and bias. TensorFlow's CPU convolution and its two gradient
   kernels are slow at such sizes; one GEMM of (batch x positions, taps x channels) by
-  (taps x channels, filters) runs near the cores' peak. Measured in benchmarks/small_map_conv.py
-  and benchmarks/finetune_speed.py; the figures are in the README.
-
-TLKIT_PLAIN_KERAS=1 turns both off: training then runs the plain Keras layers (the ordinary way,
-to check any result against).
+  (taps x channels, filters) runs near the cores' peak (benchmarks/small_map_conv.py, README "Speed").
 """
 
 from __future__ import annotations
 
-import os
-
-# A conv's map of at most this many positions trains as one matrix product. One training step of
-# VGG16's block5 (three 512-filter 3x3 convs, batch 32, fused Adam) on 2 CPU cores, medians of 3
-# (benchmarks/small_map_conv.py): 2x2 maps 1.89x faster, 3x3 1.21x, 4x4 1.02x: so up to 3x3.
+# A conv's map of at most this many positions trains as one matrix product: up to 3x3, where
+# benchmarks/small_map_conv.py measured the product faster than TensorFlow's conv (4x4: no gain).
 SMALL_MAP_POSITIONS = 9
-
-PLAIN_KERAS_ENV = "TLKIT_PLAIN_KERAS"
-
-
-def plain_keras() -> bool:
-    """Whether TLKIT_PLAIN_KERAS asks for training the plain Keras way (no rewritten layers)."""
-    return os.environ.get(PLAIN_KERAS_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def _is_plain_same_conv(layer) -> bool:
@@ -135,26 +121,22 @@ def im2col_conv(conv):
     return Im2colConv2D()
 
 
-def training_view(model):
+def training_view(model, rewrite: bool = True):
     """`model` for training: a model of its own over the same layers (so the same weights), with
     each conv that has a faster exact form (see the module docstring) replaced by it, in nested
-    models too. With TLKIT_PLAIN_KERAS=1, the same layers unchanged.
+    models too; with rewrite=False, the same layers unchanged.
 
-    A model of its own even where nothing is replaced: fit compiles it for training, and `model`
+    A model of its own even where nothing is replaced: it is compiled for training, and `model`
     (inside the logged network, as its trainable part) keeps no training compile, which Keras
     would save into model.keras with the optimizer (tlkit's own, which plain Keras cannot load).
     After training, write_back(view) puts trained centre taps into their convs.
     """
     import keras
 
-    plain = plain_keras()
-
     def view_of(layer):
-        if plain:
-            return layer
-        if trains_as_centre_tap(layer):
+        if rewrite and trains_as_centre_tap(layer):
             return centre_tap(layer)
-        if trains_as_im2col(layer):
+        if rewrite and trains_as_im2col(layer):
             return im2col_conv(layer)
         return layer
 
