@@ -350,7 +350,7 @@ def test_promote_keeps_a_better_champion_and_is_idempotent(tracking, tiny_networ
 
 
 def test_compare_formats_agree(tracking, tiny_network):
-    from tlkit import registry
+    from tlkit import compare
 
     make_run(tiny_network, 0.5, variant="mid", model=False)
     make_run(tiny_network, 0.75, variant="top", model=False)
@@ -360,14 +360,17 @@ def test_compare_formats_agree(tracking, tiny_network):
     table = [line.split() for line in cli("compare").output.strip().splitlines()]
 
     assert [r["variant"] for r in as_json] == ["top", "mid", "broken"]
-    assert table[0] == list(registry.COLUMNS)
+    assert table[0] == ["variant", "run_id", "status", "test_accuracy", "95%_interval", "vs_best_pts", "p_mcnemar",
+                        "best_val_accuracy", "epochs_run", "duration_s", "dataset", "dataset_digest"]
+    assert list(as_csv[0]) == list(compare.COLUMNS) == list(as_json[0])
     assert [r["run_id"] for r in as_json] == [r["run_id"] for r in as_csv] == [line[1] for line in table[1:]]
     for j, c, t in zip(as_json, as_csv, table[1:]):
         assert [j["variant"], j["status"]] == [c["variant"], c["status"]] == [t[0], t[2]]
         assert j["test_accuracy"] == float(c["test_accuracy"]) and f"{j['test_accuracy']:.4f}" == t[3]
         assert j["best_val_accuracy"] == float(c["best_val_accuracy"]) == j["test_accuracy"]
-        assert j["epochs_run"] == int(c["epochs_run"]) == int(t[5]) == 2
-        assert j["dataset_digest"] == c["dataset_digest"] == DIGEST_A and t[8] == DIGEST_A[:12]
+        assert j["epochs_run"] == int(c["epochs_run"]) == int(t[8]) == 2
+        assert j["dataset_digest"] == c["dataset_digest"] == DIGEST_A and t[11] == DIGEST_A[:12]
+        assert t[4:7] == ["-", "-", "-"]  # runs without per-image predictions: no interval, no pairing
 
 
 def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path, monkeypatch):

@@ -304,7 +304,27 @@ def common_options(command):
 
 def _echo_promotion(promotion) -> None:
     click.echo(promotion.message)
+    per_class = (promotion.report or {}).get("per_class")
+    if per_class:
+        click.echo("per-class accuracy change (candidate - champion, points): " + ", ".join(
+            f"{row['class']} {row['change_points']:+.1f}" for row in per_class))
     click.echo(f"models:/{promotion.name}@champion -> version {promotion.champion or '-'}")
+
+
+# The promotion gate, shared by `suite` and `promote` (registry.promote).
+_gate_options = [
+    click.option("--min-gain", type=float, default=0.0,
+                 help="points of test accuracy the best run must gain over @champion to replace it"),
+    click.option("--significance", type=float, default=0.05,
+                 help="McNemar's exact p (paired per-image test predictions) must be below this to replace "
+                      "@champion; 1 = any gain"),
+]
+
+
+def gate_options(command):
+    for option in reversed(_gate_options):
+        command = option(command)
+    return command
 
 
 @main.command("suite")
@@ -317,9 +337,10 @@ def _echo_promotion(promotion) -> None:
 @click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
               "move @champion to it if it beats the champion")
 @_model_name_option
+@gate_options
 @friendly_errors
 def suite_command(variants: str, experiment: str | None, cache_dir: str | None, promote: bool,
-                  model_name: str | None, **overrides) -> None:
+                  model_name: str | None, min_gain: float, significance: float, **overrides) -> None:
     """Run every variant as a child of one suite run, compare them, promote the best.
 
     The options given pass to every variant; each keeps its own value of the rest. Prints the
@@ -328,18 +349,19 @@ def suite_command(variants: str, experiment: str | None, cache_dir: str | None, 
 
     Example: tlkit suite --data /data/cifar10 --variants baseline,conv_head,finetune --epochs 5
     """
-    from tlkit import registry, suite
+    from tlkit import compare, registry, suite
 
+    registry.check_gate(min_gain, significance)
     names = suite.parse_variants(variants)
     suite.child_specs(names, overrides)  # every spec checked before anything is loaded or logged
     try:
         result = suite.run_suite(names, overrides, experiment=experiment, cache_dir=cache_dir, promote=promote,
-                                 model_name=model_name)
+                                 model_name=model_name, min_gain=min_gain, significance=significance)
         failure = None
     except suite.SuiteError as err:
         result, failure = err.result, err
     click.echo(f"suite run {result.run_id}")
-    click.echo(registry.render(result.rows, "table"), nl=False)
+    click.echo(compare.render(result.rows, "table"), nl=False)
     if result.promotion is not None:
         _echo_promotion(result.promotion)
     if failure is not None:
@@ -360,10 +382,10 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 
     Example: tlkit compare --experiment suite --format csv > runs.csv
     """
-    from tlkit import registry, tracking
+    from tlkit import compare, tracking
 
     tracking.check_reachable()
-    click.echo(registry.render(registry.compare(experiment, suite_run), fmt), nl=False)
+    click.echo(compare.render(compare.compare(experiment, suite_run), fmt), nl=False)
 
 
 @main.command("promote")
@@ -375,21 +397,26 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 @_model_name_option
 @click.option("--force", is_flag=True,
               help="move @champion even if the best run does not beat it or was tested on another dataset")
+@gate_options
 @friendly_errors
 def promote_command(experiment: str | None, suite_run: str | None, dataset_digest: str | None,
-                    model_name: str | None, force: bool) -> None:
+                    model_name: str | None, force: bool, min_gain: float, significance: float) -> None:
     """Register the best FINISHED run's model; make it @champion if it beats the champion.
 
-    Only runs with a logged model and test_accuracy on one dataset digest compete. The version is
-    tagged with variant, test_accuracy, dataset, dataset_digest and run_id. Promoting twice in a
-    row registers nothing new.
+    Only runs with a logged model and test_accuracy on one dataset digest compete. Beating the
+    champion means a gain of at least --min-gain points that McNemar's exact test on the two runs'
+    per-image test predictions finds real (p < --significance); a champion logged without them is
+    weighed by test accuracy alone, and the output says so. The decision, the gain with its 95%
+    interval, the p-value and per-class changes are printed, tagged on the version and logged as
+    promotion/ on the candidate's run. Promoting twice in a row registers nothing new.
 
     Example: tlkit promote --experiment suite --model-name cifar10-vgg16
     """
     from tlkit import registry, tracking
 
     tracking.check_reachable()
-    _echo_promotion(registry.promote(experiment, suite_run, dataset_digest, model_name, force=force))
+    _echo_promotion(registry.promote(experiment, suite_run, dataset_digest, model_name, force=force,
+                                     min_gain=min_gain, significance=significance))
 
 
 @main.command("predict")
@@ -425,5 +452,14 @@ def download_command(model_uri: str, dst: str) -> None:
     click.echo(str(registry.download(model_uri, dst)))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `tlkit` program (and `python -m tlkit.cli`): main with TensorFlow's start-up notices
+    filtered out of stderr (tlkit/console.py)."""
+    from tlkit import console
+
+    console.filter_native_stderr()
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -38,20 +38,29 @@ def score(model, x, y) -> tuple[float, float, np.ndarray]:
 def log_outcome(model, x_test, dataset, *, history: dict, spec: dict, stage_starts=(), logged_network=None,
                 metrics: dict | None = None) -> Outcome:
     """Score `model` on x_test (the test images, or their cached features) against the data set's
-    labels and log into the active run: test_accuracy, test_loss and `metrics`, the reports
-    (reports/: confusion matrix, per-class scores, curves; per-class metrics), then
+    labels and log into the active run: test_accuracy, test_loss, test_images and `metrics`, the
+    per-image predictions (stats.PREDICTIONS_ARTIFACT), the reports (reports/: confusion matrix,
+    per-class scores, curves; per-class metrics), then
     `logged_network` (the end-to-end network that takes raw pixels) as the model, if given."""
     import mlflow
 
-    from tlkit import reports, tracking
+    from tlkit import reports, stats, tracking
 
     test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test)
-    mlflow.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, **(metrics or {})})
-    log.info("test accuracy %.2f%% (loss %.4f) on %d images", 100 * test_accuracy, test_loss, len(dataset.y_test))
+    truth = dataset.y_test.argmax(axis=1)
+    mlflow.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, "test_images": float(len(truth)),
+                        **(metrics or {})})
+    low, high = stats.wilson_interval(int(np.sum(probabilities.argmax(axis=1) == truth)), len(truth))
+    log.info("test accuracy %.2f%% (95%% interval %.2f-%.2f%%, loss %.4f) on %d images", 100 * test_accuracy,
+             100 * low, 100 * high, test_loss, len(truth))
     with tempfile.TemporaryDirectory() as tmp:
-        per_class = reports.write_all(Path(tmp), dataset.y_test.argmax(axis=1), probabilities, dataset.class_names,
-                                      history, stage_starts)
-        tracking.log_reports(Path(tmp))
+        # Per image, in the data set's order: any two runs on this digest can be compared image by image.
+        predictions = Path(tmp) / Path(stats.PREDICTIONS_ARTIFACT).name
+        predictions.write_bytes(stats.predictions_bytes(truth, probabilities, dataset.class_names, dataset.digest))
+        mlflow.log_artifact(str(predictions), str(Path(stats.PREDICTIONS_ARTIFACT).parent))
+        folder = Path(tmp) / "reports"
+        per_class = reports.write_all(folder, truth, probabilities, dataset.class_names, history, stage_starts)
+        tracking.log_reports(folder)
     mlflow.log_metrics(per_class)
     if logged_network is not None:
         tracking.log_model(logged_network, dataset.class_names, dataset.x_test[:2], spec)

@@ -15,8 +15,6 @@ Every function talks to the tracking server named by MLflow's own rules (MLFLOW_
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import re
@@ -28,140 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit.compare import experiment_name, logged_models, variant_runs
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-FORMATS = ("table", "csv", "json")
-# Columns of `compare`, in order; the table prints the first 12 characters of the digest.
-COLUMNS = ("variant", "run_id", "status", "test_accuracy", "best_val_accuracy", "epochs_run", "duration_s",
-           "dataset", "dataset_digest")
 
 
 class RegistryError(ValueError):
     """Nothing to compare or promote, or a model URI that names nothing: one line saying which."""
-
-
-# --- which runs -------------------------------------------------------------------------------
-
-def experiment_id(name: str | None) -> str:
-    """--experiment, else MLflow's current one ($MLFLOW_EXPERIMENT_NAME / _ID, else Default)."""
-    import mlflow
-
-    if name:
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise RegistryError(f"no experiment named {name!r} at {mlflow.get_tracking_uri()}")
-        return found.experiment_id
-    from tlkit import tracking
-
-    return tracking.experiment_id()
-
-
-def _experiment_name(name: str | None) -> str:
-    import mlflow
-
-    return name or mlflow.get_experiment(experiment_id(None)).name
-
-
-def variant_runs(experiment: str | None = None, suite: str | None = None, status: str | None = None) -> list:
-    """Runs tagged with a variant; with `suite`, only that suite run's children."""
-    import mlflow
-
-    eid = experiment_id(experiment)
-    where = "tags.variant != ''" + (f" and attributes.status = '{status}'" if status else "")
-    if not suite:
-        return mlflow.search_runs(experiment_ids=[eid], filter_string=where, output_format="list")
-    # A suite's children are nested under it; a child that reports a deeper run (a tuner returns its
-    # best trial) is tagged `suite` by the driver. Both count.
-    found = {}
-    for extra in (f"tags.mlflow.parentRunId = '{suite}'", f"tags.suite = '{suite}'"):
-        for run in mlflow.search_runs(experiment_ids=[eid], filter_string=f"{where} and {extra}",
-                                      output_format="list"):
-            found[run.info.run_id] = run
-    return list(found.values())
-
-
-def logged_models(experiment_ids: list[str]) -> dict[str, object]:
-    """run id -> the READY model named `model` that the run logged (MLflow 3 LoggedModel)."""
-    import mlflow
-
-    models = {}
-    for model in mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list"):
-        status = str(getattr(model.status, "name", model.status))
-        if model.name == "model" and status.endswith("READY") and model.source_run_id:
-            models[model.source_run_id] = model
-    return models
-
-
-# --- compare ----------------------------------------------------------------------------------
-
-def _best_val_accuracy(client, run) -> float | None:
-    """The best epoch's val_accuracy; a fine-tuned run has its epochs in its stage runs."""
-    import mlflow
-
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    if not history:
-        stages = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
-                                    filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.stage != ''")
-        history = [m for stage in stages for m in client.get_metric_history(stage.info.run_id, "val_accuracy")]
-    return max((m.value for m in history), default=None)
-
-
-def _row(client, run) -> dict:
-    metrics, tags = run.data.metrics, run.data.tags
-    end = run.info.end_time
-    return {
-        "variant": tags.get("variant", ""),
-        "run_id": run.info.run_id,
-        "status": run.info.status,
-        "test_accuracy": metrics.get("test_accuracy"),
-        "best_val_accuracy": _best_val_accuracy(client, run),
-        "epochs_run": int(metrics["epochs_run"]) if "epochs_run" in metrics else None,
-        "duration_s": round((end - run.info.start_time) / 1000, 1) if end and run.info.start_time else None,
-        "dataset": tags.get("dataset", ""),
-        "dataset_digest": tags.get("dataset_digest", ""),
-    }
-
-
-def _rank(row: dict) -> tuple:
-    # Best test accuracy first; runs without one (failed, running) last; ties: the earlier run id order.
-    accuracy = row["test_accuracy"]
-    return (accuracy is None, -(accuracy or 0.0), row["variant"], row["run_id"])
-
-
-def compare(experiment: str | None = None, suite: str | None = None) -> list[dict]:
-    """One row per variant run (COLUMNS), best test accuracy first."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    return sorted((_row(client, run) for run in variant_runs(experiment, suite)), key=_rank)
-
-
-def render(rows: list[dict], fmt: str) -> str:
-    """rows as an aligned table, CSV or JSON (the same rows, the same order)."""
-    if fmt == "json":
-        return json.dumps(rows, indent=1) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-        return out.getvalue()
-    if fmt != "table":
-        raise RegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-
-    def cell(key, value):
-        if value is None:
-            return "-"
-        if key in ("test_accuracy", "best_val_accuracy"):
-            return f"{value:.4f}"
-        if key == "dataset_digest":
-            return value[:12]
-        return str(value)
-
-    cells = [list(COLUMNS)] + [[cell(k, row[k]) for k in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n" for line in cells)
 
 
 # --- promote ----------------------------------------------------------------------------------
@@ -178,6 +51,8 @@ class Promotion:
     promoted: bool  # @champion moved to `version` by this call
     champion: str  # the version that holds @champion after this call
     message: str  # what was decided and why, one line
+    # The comparison with the champion it was weighed against (promotion_report), when there was one.
+    report: dict | None = None
 
 
 def default_model_name(dataset: str, base: str) -> str:
@@ -272,16 +147,31 @@ def _what_is_there(experiment: str | None, suite: str | None) -> str:
     return "variant runs there: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
 
 
+def check_gate(min_gain: float, significance: float) -> None:
+    if not min_gain >= 0:
+        raise RegistryError(f"--min-gain must be 0 or more points, got {min_gain}")
+    if not 0 < significance <= 1:
+        raise RegistryError(f"--significance must be in (0, 1], got {significance}")
+
+
 def promote(experiment: str | None = None, suite: str | None = None, dataset_digest: str | None = None,
-            model_name: str | None = None, force: bool = False) -> Promotion:
-    """Register the best candidate run's model; move @champion to it if it beats the champion."""
+            model_name: str | None = None, force: bool = False, min_gain: float = 0.0,
+            significance: float = 0.05) -> Promotion:
+    """Register the best candidate run's model; move @champion to it if it beats the champion.
+
+    Beating it means, on the same dataset digest: a test accuracy higher by at least `min_gain`
+    points, and McNemar's exact test on the two runs' per-image test predictions giving p below
+    `significance` (1 restores the plain rule: any gain). A champion (or candidate) logged without
+    per-image predictions is weighed by the plain rule, and the message says so. No champion yet:
+    the best run becomes it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if model_name:  # '' means the default (MLproject passes it so)
         check_model_name(model_name)  # before anything is searched or registered
+    check_gate(min_gain, significance)
     client = mlflow.MlflowClient()
-    where = f"suite run {suite}" if suite else f"experiment {_experiment_name(experiment)}"
+    where = f"suite run {suite}" if suite else f"experiment {experiment_name(experiment)}"
     runs = candidates(experiment, suite)
     if not runs:
         raise RegistryError(f"nothing to promote in {where}: no FINISHED run with a logged model and test_accuracy "
@@ -302,6 +192,7 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         version_tags = {"variant": tags.get("variant", ""), "test_accuracy": repr(accuracy),
                         "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id}
         version = mlflow.register_model(model.model_uri, name, tags=version_tags)
+        client.update_model_version(name, version.version, description=_description(best, accuracy, digest))
         registered = True
         log.info("registered %s version %s from run %s (%s)", name, version.version, best.info.run_id,
                  tags.get("variant"))
@@ -313,6 +204,7 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
             raise
         champion = None
     said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
+    report = None
     if champion is not None and str(champion.version) == str(version.version):
         move, message = False, f"{said} is already @{CHAMPION}"
     elif champion is None:
@@ -329,17 +221,103 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
             message = (f"{said} replaces @{CHAMPION} {was}, which {why} (forced)" if force else
                        f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
                        "compared (--force replaces it)")
-        elif accuracy > held or force:
-            move, message = True, f"{said} is now @{CHAMPION}, replacing {was}"
         else:
-            move, message = False, f"{said} does not beat @{CHAMPION} {was}: champion kept"
+            report = promotion_report(best.info.run_id, champion, accuracy, held, min_gain, significance)
+            move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
+            message = (f"{said} is now @{CHAMPION}, replacing {was}: {verdict}" if move else
+                       f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
+            report.update(promoted=move, candidate_version=str(version.version), message=message)
+            _record(client, name, version, best, report)
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return Promotion(name=name, version=str(version.version), run_id=best.info.run_id,
                      variant=tags.get("variant", ""), test_accuracy=accuracy, dataset_digest=digest,
                      registered=registered, promoted=move,
                      champion=str(version.version) if move else (str(champion.version) if champion else ""),
-                     message=message)
+                     message=message, report=report)
+
+
+def _description(run, accuracy: float, digest: str) -> str:
+    """The version's one paragraph: what it is, on what data, how good, from where."""
+    from tlkit import tracking
+
+    tags = run.data.tags
+    predictions = tracking.load_predictions(run.info.run_id)
+    interval = ""
+    if predictions is not None:
+        from tlkit import stats
+
+        low, high = stats.wilson_interval(int((predictions.truth == predictions.predicted).sum()), len(predictions.truth))
+        interval = f" (95% interval {100 * low:.2f}-{100 * high:.2f}%, {len(predictions.truth):,} test images)"
+    return (f"{tags.get('variant', '?')} variant, {tags.get('base', '?')} base, trained on {tags.get('dataset', '?')} "
+            f"(dataset digest {digest}): test accuracy {100 * accuracy:.2f}%{interval}. From run {run.info.run_id}.")
+
+
+def promotion_report(candidate_run: str, champion, accuracy: float, held: float, min_gain: float,
+                     significance: float) -> dict:
+    """The candidate weighed against the champion on the same test images: the gain with its 95%
+    interval, McNemar's exact p on the paired outcomes, per-class accuracy changes, and the verdict."""
+    from tlkit import stats, tracking
+
+    rule = {"min_gain_points": float(min_gain), "significance": float(significance), "champion_version": str(champion.version),
+            "champion_run_id": champion.run_id or "", "candidate_run_id": candidate_run}
+    mine, theirs = tracking.load_predictions(candidate_run), tracking.load_predictions(champion.run_id or "")
+    if mine is None or theirs is None or len(mine.truth) != len(theirs.truth) or \
+            not (mine.truth == theirs.truth).all():
+        missing = "the champion" if theirs is None else "the candidate" if mine is None else "neither run's pairs"
+        gain = 100 * (accuracy - held)
+        promoted = bool(accuracy > held)
+        return {**rule, "test": "none: higher test accuracy wins (the rule before per-image predictions)",
+                "gain_points": gain, "promoted": promoted,
+                "reason": f"{missing} has no per-image test predictions, so the rule before them applies: "
+                          f"gain {gain:+.2f} pts{'' if promoted else ' is no gain'}"}
+    paired = stats.pair(theirs.truth, theirs.predicted, mine.predicted)
+    low, high = paired.gain_interval()
+    names = mine.class_names
+    before = stats.per_class_accuracy(theirs.truth, theirs.predicted, len(names))
+    after = stats.per_class_accuracy(mine.truth, mine.predicted, len(names))
+    gain, p = 100 * paired.gain, paired.p_value
+    big_enough, real = gain >= min_gain and paired.gain > 0, p < significance
+    promoted = bool(big_enough and real)
+    reason = (f"gain {gain:+.2f} pts (95% interval {100 * low:+.2f} to {100 * high:+.2f}), McNemar p = {p:.3g} "
+              f"on {paired.only_a + paired.only_b} disagreements of {paired.images} images")
+    if not big_enough:
+        reason += f"; below the required {min_gain:g} pts" if paired.gain > 0 else "; no gain"
+    elif not real:
+        reason += f", not below {significance:g}: within noise"
+    return {**rule, "test": "McNemar exact (two-sided), paired on the test images", "images": paired.images,
+            "only_candidate_right": paired.only_b, "only_champion_right": paired.only_a,
+            "gain_points": gain, "gain_interval_points": [100 * low, 100 * high], "p_value": p,
+            "promoted": promoted, "reason": reason,
+            "per_class": [{"class": n, "champion": float(b), "candidate": float(a), "change_points": 100 * float(a - b)}
+                          for n, b, a in zip(names, before, after)]}
+
+
+def _record(client, name: str, version, run, report: dict) -> None:
+    """The decision on the version (tags, description) and as a report on the candidate's run."""
+    import mlflow
+
+    from tlkit import reports
+
+    tags = {"promotion_decision": "promoted" if report["promoted"] else "kept",
+            "promotion_against": report.get("champion_version", ""), "promotion_gain_points": f"{report['gain_points']:.4f}",
+            "promotion_test": report["test"]}
+    if "p_value" in report:
+        low, high = report["gain_interval_points"]
+        tags.update(promotion_p_value=f"{report['p_value']:.6g}", promotion_gain_interval=f"{low:.4f},{high:.4f}")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    verdict = ("It beat" if report["promoted"] else "It did not beat") + f" @{CHAMPION} v{report['champion_version']}: "
+    description = _description(run, float(run.data.metrics["test_accuracy"]), run.data.tags["dataset_digest"])
+    client.update_model_version(name, version.version, description=f"{description} {verdict}{report['reason']}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "report.json").write_text(json.dumps(report, indent=1))
+        if "per_class" in report:
+            reports.per_class_comparison_png(report["per_class"], folder / "per_class_accuracy.png",
+                                             f"candidate v{version.version} against @{CHAMPION} "
+                                             f"v{report['champion_version']}")
+        mlflow.MlflowClient().log_artifacts(run.info.run_id, str(folder), "promotion")
 
 
 # --- use a model ------------------------------------------------------------------------------

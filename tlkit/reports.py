@@ -87,6 +87,24 @@ def training_curves_png(history: dict[str, list[float]], path: Path, stage_start
     plt.close(fig)
 
 
+def per_class_comparison_png(rows: list[dict], path: Path, title: str) -> None:
+    """Per-class accuracy of two models side by side: rows of {class, champion, candidate}."""
+    plt = _pyplot()
+    names = [r["class"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
+    ax.bar(x - 0.2, [r["champion"] for r in rows], 0.4, label="champion", color="tab:gray")
+    ax.bar(x + 0.2, [r["candidate"] for r in rows], 0.4, label="candidate", color="tab:blue")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy of the class")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_all(folder: Path, y_true, probabilities, class_names, history, stage_starts=()) -> dict[str, float]:
     """Write every report into folder; return the per-class metrics to log."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ DEFAULT_VARIANTS = ("finetune", "baseline", "conv_head", "l2", "sgd", "dropout",
 @dataclass
 class SuiteResult:
     run_id: str  # the parent run
-    rows: list[dict]  # registry.compare of the children, best first
+    rows: list[dict]  # compare.compare of the children, best first
     failed: dict[str, str] = field(default_factory=dict)  # variant -> one-line error
     promotion: object | None = None  # registry.Promotion, None when nothing could be promoted
 
@@ -137,7 +137,8 @@ def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None
 
 
 def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
-    """Bar chart of test accuracy per finished variant, best first, then the failed ones."""
+    """Bar chart of test accuracy per finished variant, best first, with its 95% interval and each
+    run's McNemar p against the best, then the failed ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,15 +146,20 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
 
     names = [r["variant"] for r in finished] + [Path(v).stem for v in failed]
     values = [r["test_accuracy"] for r in finished] + [0.0] * len(failed)
-    labels = [f"{v:.3f}" for v in values[:len(finished)]] + ["FAILED"] * len(failed)
+    below = [r["test_accuracy"] - r["test_accuracy_low"] if r["test_accuracy_low"] is not None else 0.0
+             for r in finished] + [0.0] * len(failed)
+    above = [r["test_accuracy_high"] - r["test_accuracy"] if r["test_accuracy_high"] is not None else 0.0
+             for r in finished] + [0.0] * len(failed)
+    labels = [f"{r['test_accuracy']:.3f}" + (f"\np={r['p_vs_best']:.2g}" if r["p_vs_best"] is not None else "")
+              for r in finished] + ["FAILED"] * len(failed)
     colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(finished))] + ["tab:gray"] * len(failed)
-    fig, ax = plt.subplots(figsize=(1.1 * max(len(names), 3) + 2, 4))
-    bars = ax.bar(range(len(names)), values, color=colors, tick_label=names)
-    for bar, value, label in zip(bars, values, labels):
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_title("suite: test accuracy per variant (best first)")
+    fig, ax = plt.subplots(figsize=(1.1 * max(len(names), 3) + 2, 4.5))
+    bars = ax.bar(range(len(names)), values, color=colors, tick_label=names, yerr=[below, above], capsize=4)
+    for bar, value, high, label in zip(bars, values, above, labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value + high), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy (95% Wilson interval)")
+    ax.set_title("suite: test accuracy per variant, best first; p: McNemar's exact test against the best")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -192,14 +198,16 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
 
 
 def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = None, cache_dir: str | None = None,
-              promote: bool = True, model_name: str | None = None) -> SuiteResult:
+              promote: bool = True, model_name: str | None = None, min_gain: float = 0.0,
+              significance: float = 0.05) -> SuiteResult:
     """Run the children under one parent run, then compare and promote. Raises SuiteError at the
     end if any child failed (after comparing and promoting among the finished ones)."""
     import mlflow
 
-    from tlkit import registry, tracking, train
+    from tlkit import compare, registry, tracking, train
 
     specs_by_variant = child_specs(variants, overrides)
+    registry.check_gate(min_gain, significance)
     if promote and model_name:  # '' means the default name
         registry.check_model_name(model_name)  # not after an hour of training
     tracking.use_experiment(experiment)
@@ -213,7 +221,7 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
         with train.long_lived_objects_frozen():
             failed = _run_children(variants, specs_by_variant, cache_dir, datasets, suite_id)
 
-        rows = registry.compare(suite=suite_id)
+        rows = compare.compare(suite=suite_id)
         result = SuiteResult(run_id=suite_id, rows=rows, failed=failed)
         if failed:
             mlflow.set_tag("failed_variants", ",".join(failed))
@@ -224,13 +232,14 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for fmt, suffix in (("table", "txt"), ("csv", "csv"), ("json", "json")):
-                (folder / f"comparison.{suffix}").write_text(registry.render(rows, fmt))
+                (folder / f"comparison.{suffix}").write_text(compare.render(rows, fmt))
             _chart(finished, failed, folder / "test_accuracy.png")
             mlflow.log_artifacts(tmp, "comparison")
 
         if promote and finished:
             # The children were tested on one dataset digest (shared_datasets).
-            result.promotion = registry.promote(suite=suite_id, model_name=model_name)
+            result.promotion = registry.promote(suite=suite_id, model_name=model_name, min_gain=min_gain,
+                                                significance=significance)
             mlflow.set_tags({"registered_model": result.promotion.name,
                              "registered_version": result.promotion.version,
                              "champion_version": result.promotion.champion})

@@ -140,6 +140,8 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
                             f"{os.environ.get('MLFLOW_TRACKING_USERNAME', 'this user')} write to experiment "
                             f"{experiment}: pass --experiment NAME (a new one is yours), or ask its owner "
                             "for EDIT permission") from None
+    if not nested and parent_run_id is None:
+        mark_training_experiment(active.info.experiment_id)
     try:
         yield active
     except KeyboardInterrupt:
@@ -150,6 +152,27 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+# MLflow 3's UI opens an experiment on the page of its kind, recorded in this tag; without it, an
+# experiment of training runs opened on the GenAI overview (seen in a headless browser, MLflow 3.17.2).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as one of model training, unless it says what it is already."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except MlflowException as err:  # a user who may log runs but not edit the experiment: the UI only
+        import logging
+
+        logging.getLogger(__name__).debug("experiment %s not tagged: %s", experiment_id, err)
 
 
 def log_dataset(dataset) -> None:
@@ -171,6 +194,23 @@ def log_reports(folder: Path) -> None:
     import mlflow
 
     mlflow.log_artifacts(str(folder), "reports")
+
+
+def load_predictions(run_id: str):
+    """The run's per-image test predictions (stats.Predictions), or None for a run logged without
+    them (before tlkit logged them, or one that never reached its test)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tlkit import stats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=stats.PREDICTIONS_ARTIFACT,
+                                                       dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return stats.read_predictions(Path(path).read_bytes())
 
 
 def log_model(network, class_names, example: np.ndarray, spec: dict):

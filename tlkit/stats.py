@@ -1,0 +1,117 @@
+"""How sure a test accuracy is: Wilson intervals, McNemar's exact test on paired predictions, and
+the per-image predictions file every run logs so that any two runs can be paired later.
+
+Two runs scored on the same test images (the same dataset digest) are paired: on each image both
+are right, both wrong, or one of them right. Only the images where they disagree say which is
+better; McNemar's exact test asks whether the split of those disagreements could be a fair coin's.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95% intervals
+PREDICTIONS_ARTIFACT = "predictions/test_predictions.npz"  # in every run that logs test_accuracy
+
+
+def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion correct/total (95% by default). Unlike the normal
+    approximation it stays inside [0, 1] and is sound near 0 and 1 and for small totals."""
+    if total <= 0:
+        return (float("nan"), float("nan"))
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact p-value of McNemar's test: the images only the first got right against those
+    only the second got right, under the null that each disagreement is a fair coin (binomial
+    n = b + c, p = 1/2; doubled tail, capped at 1). No disagreement: p = 1."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    k = min(only_first, only_second)
+    # The tail in exact integer arithmetic: sums of binomial coefficients over 2^n, no underflow.
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two runs' outcomes on the same test images."""
+
+    images: int
+    only_a: int  # images a got right and b wrong
+    only_b: int  # images b got right and a wrong
+
+    @property
+    def gain(self) -> float:
+        """b's accuracy minus a's, as a fraction."""
+        return (self.only_b - self.only_a) / self.images
+
+    def gain_interval(self, z: float = Z95) -> tuple[float, float]:
+        """95% interval of the gain from the paired outcomes (Wald on the discordant counts: the
+        variance of a paired difference of proportions is ((b + c) - (c - b)^2 / n) / n^2)."""
+        n, b, c = self.images, self.only_a, self.only_b
+        half = z * math.sqrt(max(0.0, (b + c) - (c - b) ** 2 / n)) / n
+        return (self.gain - half, self.gain + half)
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar_exact(self.only_a, self.only_b)
+
+
+def pair(truth, predicted_a, predicted_b) -> Paired:
+    truth, a, b = (np.asarray(v) for v in (truth, predicted_a, predicted_b))
+    if not (truth.shape == a.shape == b.shape):
+        raise ValueError(f"paired predictions differ in length: {len(truth)}, {len(a)}, {len(b)}")
+    right_a, right_b = a == truth, b == truth
+    return Paired(images=len(truth), only_a=int(np.sum(right_a & ~right_b)), only_b=int(np.sum(right_b & ~right_a)))
+
+
+def per_class_accuracy(truth, predicted, num_classes: int) -> np.ndarray:
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    return np.array([float(np.mean(predicted[truth == k] == k)) if np.any(truth == k) else float("nan")
+                     for k in range(num_classes)])
+
+
+# --- the per-image predictions file -----------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """A run's predictions on its test images, in the data set's order."""
+
+    truth: np.ndarray  # true class index per image
+    predicted: np.ndarray  # predicted class index per image
+    probability: np.ndarray  # the predicted class's probability
+    class_names: list[str]
+    dataset_digest: str
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.truth == self.predicted))
+
+
+def predictions_bytes(truth, probabilities: np.ndarray, class_names, dataset_digest: str) -> bytes:
+    """The .npz file (about 9 bytes an image): int16 classes, float32 probability, names, digest."""
+    probabilities = np.asarray(probabilities)
+    out = io.BytesIO()
+    np.savez_compressed(out, truth=np.asarray(truth).astype(np.int16),
+                        predicted=probabilities.argmax(axis=1).astype(np.int16),
+                        probability=probabilities.max(axis=1).astype(np.float32),
+                        class_names=np.asarray(list(class_names)), dataset_digest=np.asarray(dataset_digest))
+    return out.getvalue()
+
+
+def read_predictions(data: bytes) -> Predictions:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return Predictions(truth=arrays["truth"].astype(int), predicted=arrays["predicted"].astype(int),
+                           probability=arrays["probability"], class_names=[str(c) for c in arrays["class_names"]],
+                           dataset_digest=str(arrays["dataset_digest"]))
