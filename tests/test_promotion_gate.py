@@ -119,6 +119,7 @@ def test_a_clear_gain_is_promoted_with_its_evidence_recorded(tracking, tiny_netw
     base = right_on(0.60, 1)
     first = make_run(tiny_network, answers(base), variant="baseline")
     assert registry.promote().promoted  # no champion yet: the best run becomes it
+    assert versions()[0].description.endswith("It became @champion: there was none.")
     better = base | right_on(0.5, 2)  # right wherever the champion was, and on half of the rest
     candidate = make_run(tiny_network, answers(better), variant="finetune")
     result = registry.promote()

@@ -192,7 +192,6 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         version_tags = {"variant": tags.get("variant", ""), "test_accuracy": repr(accuracy),
                         "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id}
         version = mlflow.register_model(model.model_uri, name, tags=version_tags)
-        client.update_model_version(name, version.version, description=_description(best, accuracy, digest))
         registered = True
         log.info("registered %s version %s from run %s (%s)", name, version.version, best.info.run_id,
                  tags.get("variant"))
@@ -228,6 +227,9 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
                        f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
             report.update(promoted=move, candidate_version=str(version.version), message=message)
             _record(client, name, version, best, report)
+    if registered and report is None:  # what it beat, in its description: nothing it was weighed against
+        client.update_model_version(name, version.version, description=_description(best, accuracy, digest) + (
+            f" It became @{CHAMPION}: there was none." if champion is None else f" {message}."))
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return Promotion(name=name, version=str(version.version), run_id=best.info.run_id,
