@@ -370,17 +370,15 @@ def load(model_uri: str):
 
 
 def read_image(path: str) -> np.ndarray:
-    """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes."""
-    from PIL import Image
-
-    from tlkit.data import _UNREADABLE, _to_rgb  # the same decoding as training's
+    """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes. (serving.decode,
+    bundled with the logged model.)"""
+    from tlkit.serving import UNREADABLE, decode
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(_to_rgb(image))
+        return decode(Path(path).read_bytes())
     except FileNotFoundError:
         raise RegistryError(f"image {path} does not exist") from None
-    except _UNREADABLE as err:
+    except UNREADABLE as err:
         raise RegistryError(f"image {path} cannot be read: {err}") from None
 
 

@@ -7,21 +7,50 @@ network (preprocessing inside), saved as `model.keras`, and the class names besi
 Input: a numpy array of raw pixels, (N, H, W, C) with C = 1 (grayscale), 3 (RGB) or 4 (RGBA),
 any H and W (resized to the network's size). Output: a DataFrame with `label`, `probability` and
 `probabilities` (one per class, in class order).
+
+tlkit imports from here: `tlkit predict` (registry.read_image) decodes a file with `decode`, and
+training (data._read_image) converts colours with `to_rgb`.
 """
 
+import io
 import json
 
 import mlflow
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 ONE_CALL_IMAGES = 64  # images per call of the network: a request of more goes in chunks of this
+
+# What Pillow raises for a truncated, corrupt or unknown file (UnidentifiedImageError is an OSError),
+# or one of more pixels than Image.MAX_IMAGE_PIXELS allows (a decompression bomb).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; alpha is dropped. No EXIF rotation: pixels as stored."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit greyscale: PIL's own conversion clips at 255 (most pixels turn white),
+        # so keep the top 8 bits instead.
+        pixels = np.clip(np.asarray(image), 0, 65535) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        # Going through RGBA avoids PIL's warning about palette transparency.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decode(data: bytes) -> np.ndarray:
+    """An image file's bytes -> uint8 (H, W, 3) at the file's own size (the model resizes).
+    Raises one of UNREADABLE for bytes that are not an image Pillow reads."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(to_rgb(image))
 
 
 def to_network_input(images: np.ndarray, size: int) -> np.ndarray:
     """Batch of raw images -> float32 (N, size, size, 3) pixels in 0..255."""
-    from PIL import Image
-
     images = np.asarray(images)
     if images.ndim == 3:  # (N, H, W): grayscale without a channel axis
         images = images[..., None]
