@@ -109,3 +109,11 @@ def cifar_sample(tmp_path_factory) -> Path:
                 shutil.copy(path, target / path.name)
     shutil.rmtree(scratch, ignore_errors=True)  # 60,000 files: don't leave them in pytest's kept temp dirs
     return sample
+
+
+def image_rows(images):
+    """Pixel arrays as the logged model's input: one row of its `image` column per image
+    (MLflow refuses a bare (N, H, W, C) array under the model's column signature: tlkit/serving.py)."""
+    import pandas as pd
+
+    return pd.DataFrame({"image": list(images)})

@@ -24,7 +24,7 @@ from tlkit import models, pretrain as pretraining, spec as specs
 from tlkit.cli import main
 from tlkit.features import file_sha256
 
-from conftest import REPO
+from conftest import REPO, image_rows
 
 SMALL = ["--base", "MobileNetV3Small", "--preprocess", "base"]
 
@@ -156,7 +156,7 @@ def test_classes_select_and_order_end_to_end(image_folder, tracking):
     assert [report[name]["support"] for name in ("stripes", "circle")] == [4, 4] and "square" not in report
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.metadata["class_names"] == ["stripes", "circle"]
-    out = model.predict(np.zeros((3, 32, 32, 3), np.uint8))
+    out = model.predict(image_rows(np.zeros((3, 32, 32, 3), np.uint8)))
     assert set(out["label"]) <= {"stripes", "circle"} and all(len(p) == 2 for p in out["probabilities"])
     assert {"test_f1_stripes", "test_f1_circle"} <= set(run.data.metrics)
     assert not any("square" in name for name in run.data.metrics)

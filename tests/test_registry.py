@@ -7,6 +7,7 @@ of promote and compare run on the sqlite store of the `tracking` fixture, with s
 
 from __future__ import annotations
 
+import base64
 import csv
 import glob
 import io
@@ -30,7 +31,7 @@ from click.testing import CliRunner
 
 from tlkit.cli import main
 
-from conftest import CLASSES, REPO, draw, using_tracking
+from conftest import CLASSES, REPO, draw, image_rows, using_tracking
 
 FAST = {"weights": "none", "epochs": "2", "batch_size": "8"}
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
@@ -220,15 +221,15 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
     assert all(line[1] in CLASSES and 0.0 <= float(line[2]) <= 1.0 for line in lines)
     labels = [line[1] for line in lines]
     own = mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model")
-    assert list(own.predict(np.stack([np.asarray(Image.open(p)) for p in paths[:3]]))["label"]) == labels[:3]
+    assert list(own.predict(image_rows(np.asarray(Image.open(p)) for p in paths[:3]))["label"]) == labels[:3]
 
     # 5. download: the folder loads and predicts with no tracking server to ask.
     result = cli("download", "--model", f"models:/{name}@champion", "--dst", str(tmp_path / "champion"))
     assert result.exit_code == 0, result.output
     offline = subprocess.run(
-        [sys.executable, "-c", "import sys, mlflow, numpy as np; from PIL import Image; "
+        [sys.executable, "-c", "import sys, mlflow, pandas as pd; from pathlib import Path; "
          "m = mlflow.pyfunc.load_model(sys.argv[1]); "
-         "print(','.join(m.predict(np.stack([np.asarray(Image.open(p)) for p in sys.argv[2:]]))['label']))",
+         "print(','.join(m.predict(pd.DataFrame({'image': [Path(p).read_bytes() for p in sys.argv[2:]]}))['label']))",
          str(tmp_path / "champion"), *map(str, paths[:3])],
         capture_output=True, text=True, timeout=120, env=clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
     assert offline.returncode == 0, offline.stderr[-2000:]
@@ -240,7 +241,7 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
     assert [line.split("\t")[1] for line in result.output.strip().splitlines()] == labels[:3]
     assert not list(downloads.iterdir())
 
-    # 6. serve the champion and ask it over HTTP.
+    # 6. serve the champion and ask it over HTTP: the files, base64-encoded (tests/test_serving.py: more).
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
@@ -250,14 +251,14 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, 180, log)
-        pixels = np.stack([np.asarray(Image.open(p)) for p in paths[:3]])
+        files = [{"image": base64.b64encode(Path(p).read_bytes()).decode()} for p in paths]
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         data=json.dumps({"dataframe_records": files}).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
         stop(server)
-    assert [p["label"] for p in answer["predictions"]] == labels[:3]
+    assert [p["label"] for p in answer["predictions"]] == labels
     assert all(len(p["probabilities"]) == len(CLASSES) for p in answer["predictions"])
 
 

@@ -19,7 +19,7 @@ from tlkit import data, models, spec as specs
 from tlkit.cli import main
 from tlkit.train import long_lived_objects_frozen, train
 
-from conftest import REPO
+from conftest import REPO, image_rows
 
 FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
 
@@ -36,7 +36,7 @@ def only_run(experiment: str = "Default"):
 
 
 def pyfunc_accuracy(model_uri: str, dataset) -> tuple[float, list[str]]:
-    predictions = mlflow.pyfunc.load_model(model_uri).predict(dataset.x_test)
+    predictions = mlflow.pyfunc.load_model(model_uri).predict(image_rows(dataset.x_test))
     truth = [dataset.class_names[i] for i in dataset.y_test.argmax(axis=1)]
     labels = list(predictions["label"])
     return float(np.mean([p == t for p, t in zip(labels, truth)])), labels
@@ -115,7 +115,7 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
         model = mlflow.pyfunc.load_model(result.model_uri)
     assert not [w for w in caught if "type hint" in str(w.message)]  # predict is annotated
     big_gray = np.random.default_rng(0).integers(0, 255, (2, 50, 70, 1)).astype(np.uint8)
-    out = model.predict(big_gray)
+    out = model.predict(image_rows(big_gray))
     assert list(out.columns) == ["label", "probability", "probabilities"]
     assert set(out["label"]) <= set(dataset.class_names)
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
@@ -123,7 +123,7 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     # the same numbers either way.
     few = dataset.x_test[:5]
     many = np.concatenate([few] * 20)  # 100 images: more than serving.ONE_CALL_IMAGES
-    one_call, batched = model.predict(few), model.predict(many)
+    one_call, batched = model.predict(image_rows(few)), model.predict(image_rows(many))
     np.testing.assert_allclose(np.stack(one_call["probabilities"]), np.stack(batched["probabilities"][:5]),
                                atol=1e-6)
     assert list(one_call["label"]) == list(batched["label"][:5])

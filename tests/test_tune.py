@@ -21,6 +21,8 @@ from click.testing import CliRunner
 from tlkit import data, spec as specs, tune
 from tlkit.cli import main
 
+from conftest import image_rows
+
 FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
 
 
@@ -65,7 +67,7 @@ def check_parent(parent, trial_runs, dataset) -> None:
                        "reports/training_curves.png"}
     # The logged end-to-end network (raw pixels in) scores exactly what the parent logged: the best
     # head sits on the very base the cached features came from.
-    predictions = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model").predict(dataset.x_test)
+    predictions = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model").predict(image_rows(dataset.x_test))
     truth = [dataset.class_names[i] for i in dataset.y_test.argmax(axis=1)]
     accuracy = float(np.mean([p == t for p, t in zip(predictions["label"], truth)]))
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)

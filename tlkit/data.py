@@ -50,10 +50,6 @@ _PROBE = 64
 _THREADS_ABOVE_SECONDS = 0.0003  # per image
 _CHUNK = 64  # images per pool task; one task per image costs more than it saves
 
-# PIL raises these for missing, truncated, corrupt or unsupported image files.
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
 class DataError(ValueError):
     """A bad data source: the message is one line naming the path/parameter and what is wrong."""
 
@@ -419,33 +415,21 @@ def _decode_into(out: np.ndarray, paths: list[str], size: int) -> list[int]:
 
 def _read_image(path: str, size: int) -> np.ndarray | None:
     """The image at path as uint8 (size, size, 3), or None if it cannot be read."""
+    # The served model's own conversion (serving.py is bundled with it and imports nothing of tlkit).
+    from tlkit.serving import UNREADABLE, to_rgb
+
     try:
         with Image.open(path) as image:
             if image.size != (size, size):
                 # JPEG only: decode at 1/2, 1/4 or 1/8 scale (never below size), much
                 # faster for large photos. Other formats ignore it.
                 image.draft(None, (size, size))
-            image = _to_rgb(image)
+            image = to_rgb(image)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image)
-    except _UNREADABLE:
+    except UNREADABLE:
         return None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB; alpha is dropped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        # 16-bit greyscale: PIL's own conversion clips at 255 (most pixels turn white),
-        # so keep the top 8 bits instead.
-        pixels = np.clip(np.asarray(image), 0, 65535) >> 8
-        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        # Going through RGBA avoids PIL's warning about palette transparency.
-        image = image.convert("RGBA")
-    return image.convert("RGB")
 
 
 # --- shared --------------------------------------------------------------------------

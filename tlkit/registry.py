@@ -350,30 +350,37 @@ def load(model_uri: str):
 
 
 def read_image(path: str) -> np.ndarray:
-    """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes."""
-    from PIL import Image
-
-    from tlkit.data import _UNREADABLE, _to_rgb  # the same decoding as training's
+    """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes. The served model
+    decodes a file's bytes with this very function (serving.decode)."""
+    from tlkit.serving import UNREADABLE, decode
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(_to_rgb(image))
+        return decode(Path(path).read_bytes())
     except FileNotFoundError:
         raise RegistryError(f"image {path} does not exist") from None
-    except _UNREADABLE as err:
+    except UNREADABLE as err:
         raise RegistryError(f"image {path} cannot be read: {err}") from None
 
 
 def predict(model_uri: str, paths: list[str]) -> list[tuple[str, str, float]]:
     """(path, label, probability) per image, in the order given."""
+    import pandas as pd
+
+    from tlkit.serving import COLUMN
+
     images = [read_image(p) for p in paths]  # all checked before the model loads
     model = load(model_uri)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):  # one batch per image size
-        by_shape.setdefault(image.shape, []).append(i)
+    schema = model.metadata.get_input_schema()
+    if schema is not None and schema.is_tensor_spec():
+        # A model logged before the `image` column took a uint8 (N, H, W, C) array: one per size.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        frames = [(indices, model.predict(np.stack([images[i] for i in indices]))) for indices in by_shape.values()]
+    else:
+        frames = [(range(len(images)), model.predict(pd.DataFrame({COLUMN: images})))]
     answers: list = [None] * len(paths)
-    for indices in by_shape.values():
-        frame = model.predict(np.stack([images[i] for i in indices]))
+    for indices, frame in frames:
         for i, label, probability in zip(indices, frame["label"], frame["probability"]):
             answers[i] = (paths[i], str(label), float(probability))
     return answers

@@ -1,40 +1,125 @@
-"""The logged model: raw images in, class names and probabilities out (an MLflow pyfunc).
+"""The logged model: images in, class names and probabilities out (an MLflow pyfunc).
 
 MLflow logs this file as code ("models from code"): nothing is pickled, and the model loads
 wherever tensorflow, mlflow and pillow are installed, without tlkit. It wraps the end-to-end Keras
 network (preprocessing inside), saved as `model.keras`, and the class names beside it.
 
-Input: a numpy array of raw pixels, (N, H, W, C) with C = 1 (grayscale), 3 (RGB) or 4 (RGBA),
-any H and W (resized to the network's size). Output: a DataFrame with `label`, `probability` and
-`probabilities` (one per class, in class order).
+Input: a DataFrame with one column, `image` (the logged signature: binary). Each row is either
+- the bytes of an image file (JPEG, PNG, BMP, GIF, WebP: whatever Pillow reads), base64-encoded in a
+  JSON request to `mlflow models serve`; decoded here exactly as `tlkit predict` decodes a file, or
+- a pixel array (H, W, C) with C = 1 (grayscale), 3 (RGB) or 4 (RGBA), or (H, W).
+Any H and W: every image is resized to the network's size. Output: a DataFrame with `label`,
+`probability` and `probabilities` (one per class, in class order).
+
+Why not a bare (N, H, W, C) array, as before: MLflow checks the input against the logged signature
+before this model sees it, and one signature cannot take both. Only a binary column makes MLflow's
+scoring server base64-decode a `dataframe_split` or `dataframe_records` request, and under any
+column signature MLflow first makes a DataFrame of the input, which pandas refuses for a 4-D array
+("Must pass 2-d input"). So pixel arrays come as rows of the same column:
+`model.predict(pd.DataFrame({"image": list(images)}))`.
+
+tlkit imports from here: `tlkit predict` (registry.read_image) decodes a file with `decode`, and
+training (data._read_image) converts colours with `to_rgb`. So the served model reads a file's bytes
+exactly as `tlkit predict` reads the file, with training's colour conversion.
 """
 
+import base64
+import binascii
+import io
 import json
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from PIL import Image
 
+COLUMN = "image"  # the input column's name, in the logged signature
 ONE_CALL_IMAGES = 64  # images per call of the network: a request of more goes in chunks of this
+# What Pillow raises for a truncated, corrupt or unknown file (UnidentifiedImageError is an OSError),
+# or one of more pixels than Image.MAX_IMAGE_PIXELS allows (a decompression bomb).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def to_network_input(images: np.ndarray, size: int) -> np.ndarray:
-    """Batch of raw images -> float32 (N, size, size, 3) pixels in 0..255."""
-    from PIL import Image
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; alpha is dropped. No EXIF rotation: pixels as stored."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit greyscale: PIL's own conversion clips at 255 (most pixels turn white),
+        # so keep the top 8 bits instead.
+        pixels = np.clip(np.asarray(image), 0, 65535) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        # Going through RGBA avoids PIL's warning about palette transparency.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
-    images = np.asarray(images)
-    if images.ndim == 3:  # (N, H, W): grayscale without a channel axis
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected images shaped (N, H, W, C) with C in 1, 3, 4; got {images.shape}")
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    elif images.shape[-1] == 4:
-        images = images[..., :3]
-    if images.shape[1:3] != (size, size):
-        images = np.stack([np.asarray(Image.fromarray(np.clip(im, 0, 255).astype(np.uint8))
-                                      .resize((size, size), Image.BILINEAR)) for im in images])
-    return images.astype(np.float32)
+
+def decode(data: bytes) -> np.ndarray:
+    """An image file's bytes -> uint8 (H, W, 3) at the file's own size (the model resizes).
+    Raises one of UNREADABLE for bytes that are not an image Pillow reads."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(to_rgb(image))
+
+
+def file_bytes(value) -> bytes:
+    """A row of the image column -> the file's bytes. MLflow's scoring server base64-decodes a
+    binary column for `dataframe_split` and `dataframe_records` requests, but passes an `inputs` or
+    `instances` request's strings on as their base64 text; a Python caller may send either."""
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    try:
+        # Base64 first: an image file's own bytes are not valid base64, since its header and compressed
+        # data hold bytes outside that alphabet (a JPEG starts ff d8, a PNG 89, a BMP has zero bytes).
+        return base64.b64decode(b"".join(raw.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return raw
+
+
+def to_pixels(value, index: int) -> np.ndarray:
+    """A row of the image column -> its pixels; what is not an image is the caller's error (MLflow's
+    scoring server answers an MlflowException of INVALID_PARAMETER_VALUE with HTTP 400 and its message)."""
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        try:
+            return decode(file_bytes(value))
+        except UNREADABLE as err:
+            # Pillow's message for an unknown format names only an in-memory file object. The bytes
+            # quoted are those that came in, base64 or not.
+            why = "" if isinstance(err, Image.UnidentifiedImageError) else f" ({err})"
+            sent = value.encode() if isinstance(value, str) else bytes(value)
+            raise MlflowException.invalid_parameter_value(
+                f"image at index {index} is not an image file that Pillow can read (JPEG, PNG, BMP, GIF, WebP, ...)"
+                f"{why}: {len(sent)} bytes starting {sent[:16]!r}") from None
+    pixels = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
+    if pixels is None or pixels.dtype.kind not in "buif":  # e.g. pixel JSON that MLflow made bytes of
+        what = f"a {type(value).__name__}" if pixels is None else f"an array of {pixels.dtype} shaped {pixels.shape}"
+        raise MlflowException.invalid_parameter_value(
+            f"image at index {index} is {what}: expected an image file's bytes (base64 in a JSON request) "
+            "or an (H, W, C) array of pixel values")
+    return pixels
+
+
+def network_pixels(image: np.ndarray, size: int, index: int = 0) -> np.ndarray:
+    """One image's pixels, (H, W) or (H, W, C) with C = 1, 3 or 4 -> float32 (size, size, 3) in 0..255."""
+    if image.ndim == 2:  # grayscale without a channel axis
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise MlflowException.invalid_parameter_value(
+            f"image at index {index}: expected pixels shaped (H, W, C) with C in 1, 3, 4; got {image.shape}")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+                           .resize((size, size), Image.BILINEAR))
+    return image.astype(np.float32)
+
+
+def to_network_input(images, size: int) -> np.ndarray:
+    """Images, each (H, W[, C]) at any size (or a (N, H, W[, C]) array) -> float32 (N, size, size, 3)."""
+    pixels = [network_pixels(np.asarray(image), size, i) for i, image in enumerate(images)]
+    return np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -47,16 +132,21 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.class_names = json.load(f)
         self.size = int(self.network.input_shape[1])
 
-    # Annotated np.ndarray: MLflow then checks requests against the logged signature (uint8 images
-    # of any size) and neither infers a schema from the hint nor warns that there is none.
-    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
-        pixels = to_network_input(model_input, self.size)
+    # Annotated pd.DataFrame: MLflow then checks requests against the logged signature (the binary
+    # `image` column) and neither infers a schema from the hint nor warns that there is none. Called
+    # unwrapped (unwrap_python_model), it also takes a sequence of images, or a (N, H, W, C) array.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        rows = model_input[COLUMN] if isinstance(model_input, pd.DataFrame) else model_input
+        pixels = to_network_input([to_pixels(value, i) for i, value in enumerate(rows)], self.size)
         # Direct calls, not network.predict: predict would first trace a graph for this network,
         # 0.2-0.6 s on a 2-core CPU against 0.06-0.1 s for a call on 2 images (VGG16 at 32x32), and
         # MLflow makes such a request itself when it logs the model. (tlkit's fastpath.predict does the
         # same; this file is bundled with the model and imports nothing of tlkit.)
+        # 0 in, 0 out without a call: TensorFlow's convolution returns an empty batch at its input's shape,
+        # which the bias then fails to add to.
         probabilities = np.concatenate([self.network(pixels[i:i + ONE_CALL_IMAGES], training=False).numpy()
-                                        for i in range(0, max(len(pixels), 1), ONE_CALL_IMAGES)])  # 0 in, 0 out
+                                        for i in range(0, len(pixels), ONE_CALL_IMAGES)]
+                                       or [np.zeros((0, len(self.class_names)), np.float32)])
         best = probabilities.argmax(axis=1)
         return pd.DataFrame({
             "label": [self.class_names[i] for i in best],

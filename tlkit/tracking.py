@@ -8,6 +8,7 @@ the experiment is --experiment, else MLFLOW_EXPERIMENT_NAME, else MLflow's defau
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -214,18 +215,25 @@ def load_predictions(run_id: str):
 
 
 def log_model(network, class_names, example: np.ndarray, spec: dict):
-    """Log the end-to-end network as the pyfunc in serving.py; returns MLflow's ModelInfo."""
+    """Log the end-to-end network as the pyfunc in serving.py; returns MLflow's ModelInfo.
+
+    example: a few uint8 (H, W, 3) images, logged as the input example in the form a request takes
+    (PNG files' bytes in the `image` column; lossless, so the model sees these very pixels)."""
     import importlib.metadata as md
 
     import mlflow
+    import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
     from tlkit import models
+    from tlkit.serving import COLUMN
 
+    # binary: MLflow's scoring server base64-decodes the column of a dataframe_split or
+    # dataframe_records request (serving.py decodes an `inputs` request's base64 itself).
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        inputs=Schema([ColSpec(DataType.binary, COLUMN)]),
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
                         ColSpec(Array(DataType.double), "probabilities")]),
     )
@@ -246,7 +254,15 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
             python_model=str(SERVING_CODE),
             artifacts={"keras_model": str(keras_path), "class_names": str(names_path)},
             signature=signature,
-            input_example=np.asarray(example, dtype=np.uint8),
+            input_example=pd.DataFrame({COLUMN: [_png(image) for image in np.asarray(example, np.uint8)]}),
             pip_requirements=requirements,  # stated, so MLflow need not load the model to infer them
             metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"]},
         )
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
