@@ -61,7 +61,7 @@ def main() -> None:
         return (rng.normal(size=(n, 1, 1, 512)).astype("float32"),
                 keras.utils.to_categorical(rng.integers(0, 10, n), 10))
 
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = split(args.train), split(args.val), split(args.test)
+    (x_train, y_train), (x_val, y_val), (x_test, _) = split(args.train), split(args.val), split(args.test)
     data = types.SimpleNamespace(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test)
     for name in args.heads.split(","):
         variant, extra = HEADS[name]
