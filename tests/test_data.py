@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from tlkit import data
 from tlkit.data import DataError, load
 
-CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+from conftest import CIFAR_ARCHIVE
 
 # Every image is a flat grey; its level says its class (base + image index), so the
 # tests can check that images and labels stay together through sampling and splits.

@@ -18,19 +18,13 @@ import h5py
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import models, pretrain as pretraining, spec as specs
-from tlkit.cli import main
 from tlkit.features import file_sha256
 
-from conftest import REPO
+from conftest import REPO, cli
 
 SMALL = ["--base", "MobileNetV3Small", "--preprocess", "base"]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def file_arrays(path) -> list[np.ndarray]:

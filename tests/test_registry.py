@@ -13,68 +13,18 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tlkit.cli import main
-
-from conftest import CLASSES, REPO, draw, using_tracking
-
-FAST = {"weights": "none", "epochs": "2", "batch_size": "8"}
-DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a child process must not inherit it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, **extra}
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{url}: the process exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a process started with start_new_session=True, and everything it started."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+from conftest import (CLASSES, DIGEST_A, DIGEST_B, FAST_PARAMS, REPO, clean_env, cli, draw, free_port, invoke,
+                      make_run, stop, using_tracking, versions, wait_for)
 
 
 # --- a private PostgreSQL and an MLflow server on it -------------------------------------------
@@ -151,7 +101,7 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
     from PIL import Image
 
     # 1. The README's main command, through the MLproject entry point, two variants on tiny data.
-    params = {"variants": "baseline,conv_head", "data": str(image_folder), **FAST}
+    params = {"variants": "baseline,conv_head", "data": str(image_folder), **FAST_PARAMS}
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "suite", "--env-manager", "local",
                "--experiment-name", "suite"] + [x for k, v in params.items() for x in ("-P", f"{k}={v}")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400,
@@ -263,38 +213,6 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
 
 # --- promote's rules and compare's formats, on small real models ---------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_network():
-    import keras
-
-    pixels = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 255)(pixels)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(pixels, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
-
-
-def make_run(network, accuracy: float, *, digest: str = DIGEST_A, status: str = "FINISHED", model: bool = True,
-             variant: str = "v", experiment: str = "Default") -> str:
-    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model."""
-    from tlkit import spec as specs, tracking
-
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=variant) as run:
-        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest})
-        mlflow.log_metrics({"test_accuracy": accuracy, "epochs_run": 2})
-        for step, value in enumerate((accuracy / 2, accuracy)):
-            mlflow.log_metric("val_accuracy", value, step=step)
-        if model:
-            example = np.zeros((1, 32, 32, 3), np.uint8)
-            tracking.log_model(network, list(CLASSES), example, specs.DEFAULTS)
-        mlflow.end_run(status)
-    return run.info.run_id
-
-
-def versions(name: str) -> list:
-    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-
-
 def test_promote_picks_the_best_finished_run_with_a_model_on_one_dataset(tracking, tiny_network):
     make_run(tiny_network, 0.60, variant="low")
     best = make_run(tiny_network, 0.80, variant="best")
@@ -303,7 +221,7 @@ def test_promote_picks_the_best_finished_run_with_a_model_on_one_dataset(trackin
     other = make_run(tiny_network, 0.97, variant="other_data", digest=DIGEST_B)
 
     # Two datasets: their accuracies cannot be compared, so the user must choose.
-    result = CliRunner().invoke(main, ["promote"])
+    result = invoke("promote")
     assert result.exit_code == 2 and "2 datasets" in result.output and "--dataset-digest" in result.output
     assert "Traceback" not in result.output
     assert versions("shapes-vgg16") == []
@@ -378,8 +296,8 @@ def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, im
     monkeypatch.setattr(data, "load", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
     broken = tmp_path / "broken.toml"
     broken.write_text('description = "a block VGG16 does not have"\nunfreeze = "block9"\n')
-    result = CliRunner().invoke(main, ["suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
-                                       "--weights", "none", "--epochs", "1", "--batch-size", "8"])
+    result = invoke("suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
+                    "--weights", "none", "--epochs", "1", "--batch-size", "8")
     assert result.exit_code == 1, result.output
     assert "1 of 2 variants failed" in result.output and "block9" in result.output
     assert len(loads) == 1  # the children read the same data: decoded once for both
@@ -406,7 +324,7 @@ def test_bad_input_is_one_line_and_exit_2(tracking, tmp_path):
                            "x.png does not exist"),
                           (["download", "--model", "models:/nope@champion", "--dst", str(tmp_path / "d")],
                            "nope")):
-        result = CliRunner().invoke(main, args)
+        result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, (args, result.output)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
