@@ -23,6 +23,8 @@ from conftest import VGG16_WEIGHTS, cli
 # and is four times chance (10%); random weights score about 16%.
 BASELINE_FLOOR = 0.40
 
+pytestmark = pytest.mark.e2e  # ten epochs of the real VGG16 on real images
+
 
 def test_frozen_baseline_transfers_and_the_logged_model_agrees_on_the_files(cifar_sample, tracking):
     if not VGG16_WEIGHTS.exists():

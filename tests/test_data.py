@@ -495,6 +495,7 @@ def cifar_folder(tmp_path_factory):
     shutil.rmtree(target, ignore_errors=True)  # 60,000 files: don't leave them in pytest's kept temp dirs
 
 
+@pytest.mark.e2e
 def test_real_cifar10_folder_with_limits(cifar_folder):
     ds = load(str(cifar_folder), limit=500, test_limit=200)
     assert ds.name == "cifar10"

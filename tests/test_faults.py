@@ -4,6 +4,10 @@ Every case ends the same way: one line that names the parameter or file and what
 for bad input and 1 for a failure while running, no traceback unless --debug, no run left RUNNING,
 nothing half-written or half-registered. The CLI runs in-process (CliRunner) on tiny data; a
 subprocess only where the point is a real signal, a second process or a server.
+
+End to end, all of it (pytest -m e2e): the messages themselves are unit-tested where they are made
+(tests/test_spec.py, test_data.py, test_features.py, test_registry.py); here the whole command
+shows that it stops before any data is loaded, any run created or anything registered.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from tlkit import features
 
 from conftest import (FAST_ARGS, all_runs, assert_clear, clean_env, draw, free_port, invoke, make_image_folder,
                       make_run, no_features, no_registered_models, stop, using_tracking, wait_for)
+
+pytestmark = pytest.mark.e2e
 
 
 # --- parameters: rejected before any data is loaded or run created --------------------------------
@@ -348,15 +354,6 @@ def test_debug_shows_the_traceback_and_only_then(tmp_path):
 
 
 # --- the registry ------------------------------------------------------------------------------------
-
-def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_network):
-    make_run(tiny_network, 0.9, status="FAILED", variant="crashed")
-    make_run(tiny_network, 0.8, status="KILLED", variant="stopped")
-    make_run(tiny_network, 0.7, model=False, variant="no_model")
-    assert_clear(invoke("promote"), 2, "nothing to promote in experiment Default",
-                 "variant runs there: 1 FAILED, 1 FINISHED without a logged model, 1 KILLED")
-    assert no_registered_models()
-
 
 @pytest.mark.parametrize("name, message", [
     ("team/model", "contains '/'"),

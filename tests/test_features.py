@@ -117,6 +117,7 @@ def _compute_in_process(root: str, queue) -> None:
     queue.put((result.key, float(np.asarray(result.train).sum())))
 
 
+@pytest.mark.e2e
 def test_two_processes_computing_the_same_entry_both_finish(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

@@ -10,6 +10,7 @@ from tlkit import spec as specs
 from conftest import FAST_ARGS, cli, invoke
 
 
+@pytest.mark.e2e
 def test_recipe_runs_every_stage_and_chooses_on_validation_accuracy(image_folder, tracking, tmp_path):
     chosen_file = tmp_path / "chosen.toml"
     result = cli("recipe", "--data", str(image_folder), *FAST_ARGS, "--limit", "30", "--output", str(chosen_file))

@@ -23,8 +23,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import (CLASSES, DIGEST_A, DIGEST_B, FAST_PARAMS, REPO, clean_env, cli, draw, free_port, invoke,
-                      make_run, stop, using_tracking, versions, wait_for)
+from conftest import (CLASSES, DIGEST_A, DIGEST_B, FAST_PARAMS, REPO, assert_clear, clean_env, cli, draw, free_port,
+                      invoke, make_run, no_registered_models, stop, using_tracking, versions, wait_for)
 
 
 # --- a private PostgreSQL and an MLflow server on it -------------------------------------------
@@ -97,6 +97,7 @@ def on_server(mlflow_server, tmp_path, monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_suite_compare_promote_predict_download_serve(on_server, image_folder, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -288,6 +289,16 @@ def test_compare_formats_agree(tracking, tiny_network):
         assert j["dataset_digest"] == c["dataset_digest"] == DIGEST_A and t[8] == DIGEST_A[:12]
 
 
+def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_network):
+    make_run(tiny_network, 0.9, status="FAILED", variant="crashed")
+    make_run(tiny_network, 0.8, status="KILLED", variant="stopped")
+    make_run(tiny_network, 0.7, model=False, variant="no_model")
+    assert_clear(invoke("promote"), 2, "nothing to promote in experiment Default",
+                 "variant runs there: 1 FAILED, 1 FINISHED without a logged model, 1 KILLED")
+    assert no_registered_models()
+
+
+@pytest.mark.e2e
 def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path, monkeypatch):
     from tlkit import data
 
@@ -314,6 +325,7 @@ def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, im
     assert champion.run_id == children["baseline"].info.run_id
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_and_exit_2(tracking, tmp_path):
     for args, message in ((["suite", "--variants", "baseline,nope"], "unknown variant 'nope'"),
                           (["suite", "--variants", "baseline,baseline"], "lists a name twice"),

@@ -34,6 +34,7 @@ def pyfunc_accuracy(model_uri: str, dataset) -> tuple[float, list[str]]:
     return float(np.mean([p == t for p, t in zip(labels, truth)])), labels
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", specs.variant_names())
 def test_every_variant_through_the_cli(variant, image_folder, tracking):
     result = cli("train", variant, "--data", str(image_folder), *FAST_ARGS)
@@ -92,6 +93,7 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
         assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, tracking):
     spec = specs.load("conv_head", {"data": str(image_folder), "weights": "none", "epochs": 2})
     result = train("conv_head", spec)
@@ -119,6 +121,7 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(one_call["label"]) == list(batched["label"][:5])
 
 
+@pytest.mark.e2e
 def test_finetune_for_0_epochs_is_the_head_alone(image_folder, tracking):
     result = cli("train", "finetune", "--data", str(image_folder), *FAST_ARGS, "--finetune-epochs", "0")
     assert result.exit_code == 0, result.output
@@ -268,6 +271,7 @@ def test_a_conv_without_a_faster_exact_form_trains_as_it_is(shape, regularized):
     assert not any(hasattr(layer, "write_back") for layer in view.layers)
 
 
+@pytest.mark.e2e
 def test_a_conv_on_a_small_map_trains_as_one_matrix_product_on_its_own_weights():
     """VGG16's block5 at 2x2 (and a 3x3 map) in fine-tuning's view: the same outputs, the conv's own
     variables trained in place, and under SGD (no sign-taking step to amplify rounding, as Adam's
@@ -328,6 +332,7 @@ def test_long_lived_objects_are_frozen_once_and_thawed_after():
     assert gc.get_freeze_count() == 0
 
 
+@pytest.mark.e2e
 def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):
     import keras
 
@@ -347,6 +352,7 @@ def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.e2e
 def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
     for _ in range(2):
         assert cli("train", "baseline", "--data", str(image_folder), *FAST_ARGS).exit_code == 0
@@ -357,12 +363,14 @@ def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
     assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]
 
 
+@pytest.mark.e2e
 def test_experiment_option(image_folder, tracking):
     result = cli("train", "sgd", "--data", str(image_folder), *FAST_ARGS, "--experiment", "mine")
     assert result.exit_code == 0, result.output
     assert only_run("mine").data.params["optimizer"] == "sgd"
 
 
+@pytest.mark.e2e
 def test_mlflow_run_baseline(image_folder, tracking, tmp_path):
     """The user's command: `mlflow run . -e baseline --env-manager local`."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local",
@@ -393,6 +401,7 @@ def test_help_is_fast_and_states_defaults():
     assert "baseline: 1995" in out and "baseline: 'VGG16'" in out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["train", "nope"], "unknown variant 'nope'"),
     (["train", "baseline", "--epochs", "0"], "epochs must be a positive integer"),
@@ -411,6 +420,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tracking):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.e2e
 def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, tracking, tmp_path):
     """finetune caches below block5 and stores the base's output too; baseline then derives nothing
     and runs no base: its features equal those of a pass of the whole base."""
@@ -472,6 +482,7 @@ def test_mirrored_batches_draw_each_sample_once_as_itself_or_mirrored():
         train.training_batches(x, y, 8, x_mirrored=x[:10])
 
 
+@pytest.mark.e2e
 def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, tracking, tmp_path):
     """finetune with flips: the mirror images of the training split get entries of their own (train
     alone), at block4_pool and, derived, at the base's output; a frozen variant after it reuses them

@@ -63,6 +63,7 @@ def check_parent(parent, trial_runs, dataset) -> None:
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
     search = str(tmp_path / "search")
     args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "3", "--search-dir", search]
@@ -95,6 +96,7 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
     assert all_run_ids() == every
 
 
+@pytest.mark.e2e
 def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
     # The trials train the conv through its centre tap (views.training_view) and save that form;
     # the parent puts the best one back into the 3x3 conv of the logged network. With cached flips:
@@ -141,6 +143,7 @@ def worker_summaries(search: Path) -> list[str]:
     return lines
 
 
+@pytest.mark.e2e
 def test_workers_share_one_oracle_and_one_parent(image_folder, tracking_server, tmp_path):
     search = tmp_path / "search"
     args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "4", "--workers", "2",
@@ -168,6 +171,7 @@ def test_workers_share_one_oracle_and_one_parent(image_folder, tracking_server, 
     assert all_run_ids() == every
 
 
+@pytest.mark.e2e
 def test_a_killed_search_resumes_where_it_stopped(image_folder, tracking, tmp_path):
     args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "4", "--search-dir", str(tmp_path / "s")]
     with open(tmp_path / "first.log", "wb") as out:
@@ -203,6 +207,7 @@ def synthetic_features(n: int = 24, classes: int = 3, seed: int = 0):
     return x, y
 
 
+@pytest.mark.e2e
 def test_a_failing_trial_is_marked_failed_and_the_search_goes_on(tracking, tmp_path):
     from tlkit import tracking as tracking_module
 
@@ -229,6 +234,7 @@ def test_a_failing_trial_is_marked_failed_and_the_search_goes_on(tracking, tmp_p
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_bayesian_with_two_executions_nested_under_a_callers_run(image_folder, tracking, tmp_path):
     """What `suite` does: tune(spec, nested=True) inside its own run."""
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8})
@@ -253,6 +259,7 @@ def test_bayesian_with_two_executions_nested_under_a_callers_run(image_folder, t
         assert "score" in r.data.metrics
 
 
+@pytest.mark.e2e
 def test_hyperband_continues_a_trial_with_weights_from_mlflow(image_folder, tracking, tmp_path):
     # epochs 3, factor 3: a bracket of 3 one-epoch trials, then the best one continued to 3 epochs.
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 3, "batch_size": 8})
@@ -299,6 +306,7 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, tmp_path
     assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was even opened
 
 
+@pytest.mark.e2e
 def test_a_worker_with_other_settings_than_its_chief_is_refused(image_folder, tracking, monkeypatch):
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2})
     chief = tune.identity(spec, data.load(str(image_folder), seed=1995).digest, max_trials=4,
