@@ -210,15 +210,17 @@ def tiny_network():
 
 
 def make_run(network, accuracy: float, *, digest: str = DIGEST_A, status: str = "FINISHED", model: bool = True,
-             variant: str = "v", experiment: str = "Default") -> str:
-    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model."""
+             variant: str = "v", experiment: str = "Default", tags: dict | None = None) -> str:
+    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model.
+    `tags` adds to them (a suite's child: mlflow.parentRunId or suite)."""
     import mlflow
 
     from tlkit import spec as specs, tracking
 
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=variant) as run:
-        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest})
+        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest,
+                         **(tags or {})})
         mlflow.log_metrics({"test_accuracy": accuracy, "epochs_run": 2})
         for step, value in enumerate((accuracy / 2, accuracy)):
             mlflow.log_metric("val_accuracy", value, step=step)

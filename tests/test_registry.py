@@ -298,6 +298,192 @@ def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_network):
     assert no_registered_models()
 
 
+def test_a_champion_tested_on_another_dataset_is_kept_unless_forced(tracking, tiny_network):
+    from tlkit import registry
+
+    client = mlflow.MlflowClient()
+    first = make_run(tiny_network, 0.9, variant="on_a")
+    assert registry.promote(model_name="m", dataset_digest="aaaa").promoted
+    other = make_run(tiny_network, 0.5, variant="on_b", digest=DIGEST_B)
+
+    kept = registry.promote(model_name="m", dataset_digest="bbbb")
+    assert (kept.registered, kept.promoted, kept.version, kept.champion, kept.run_id) == (True, False, "2", "1", other)
+    assert kept.message == ("m v2 (on_b, test_accuracy 0.5000) registered; @champion stays v1 (on_a, test_accuracy "
+                            "0.9000): it was tested on another dataset (digest aaaaaaaaaaaa), so the two cannot be "
+                            "compared (--force replaces it)")
+    assert client.get_model_version_by_alias("m", "champion").run_id == first
+
+    forced = registry.promote(model_name="m", dataset_digest="bbbb", force=True)
+    assert (forced.registered, forced.promoted, forced.version, forced.champion) == (False, True, "2", "2")
+    assert forced.message == ("m v2 (on_b, test_accuracy 0.5000) replaces @champion v1 (on_a, test_accuracy 0.9000), "
+                              "which was tested on another dataset (digest aaaaaaaaaaaa) (forced)")
+    assert client.get_model_version_by_alias("m", "champion").run_id == other
+    back = registry.promote(model_name="m", dataset_digest="aaaa", force=True)  # v1 again: nothing registered
+    assert (back.registered, back.promoted, back.version, back.champion) == (False, True, "1", "1")
+    assert back.message.endswith("which was tested on another dataset (digest bbbbbbbbbbbb) (forced)")
+    # Forced on the champion's own dataset, a worse run takes @champion too.
+    make_run(tiny_network, 0.4, variant="worse", experiment="other")
+    worse = registry.promote("other", model_name="m", force=True)
+    assert (worse.registered, worse.promoted, worse.version, worse.champion) == (True, True, "3", "3")
+    assert worse.message == ("m v3 (worse, test_accuracy 0.4000) is now @champion, replacing v1 (on_a, "
+                             "test_accuracy 0.9000)")
+
+
+def test_a_digest_prefix_must_name_exactly_one_dataset(tracking, tiny_network):
+    from tlkit import registry
+    from tlkit.registry import RegistryError
+
+    ab, ac = "ab" * 32, "ac" * 32
+    make_run(tiny_network, 0.6, digest=ab)
+    make_run(tiny_network, 0.7, digest=ac)
+    with pytest.raises(RegistryError) as error:
+        registry.promote(dataset_digest="a")
+    said, there = str(error.value).split("; digests there: ")
+    assert said == "more than one candidate run in experiment Default on dataset digest 'a'"
+    assert there in (f"{ab[:12]} (shapes, 1 runs), {ac[:12]} (shapes, 1 runs)",
+                     f"{ac[:12]} (shapes, 1 runs), {ab[:12]} (shapes, 1 runs)")
+    with pytest.raises(RegistryError, match=r"^no candidate run in experiment Default on dataset digest 'b'"):
+        registry.promote(dataset_digest="b")
+    with pytest.raises(RegistryError, match=r"were tested on 2 datasets, which cannot be compared: .*--dataset-digest"):
+        registry.promote()
+    assert versions("shapes-vgg16") == []
+    assert registry.promote(dataset_digest="ac").dataset_digest == ac
+
+
+def test_a_tie_goes_to_the_earlier_run_and_an_equal_score_does_not_beat_the_champion(tracking, tiny_network):
+    from tlkit import registry
+
+    earlier = make_run(tiny_network, 0.8, variant="earlier")
+    make_run(tiny_network, 0.8, variant="later")
+    first = registry.promote(model_name="m")
+    assert first.run_id == earlier and first.promoted
+    assert registry.promote(model_name="m").registered is False  # the same pick again: nothing new
+    make_run(tiny_network, 0.8, variant="equal", experiment="other")
+    equal = registry.promote("other", model_name="m")
+    assert (equal.registered, equal.promoted, equal.champion) == (True, False, "1")
+    assert "does not beat @champion v1 (earlier, test_accuracy 0.8000): champion kept" in equal.message
+
+
+def test_a_champion_registered_by_hand_is_compared_on_its_runs_score_and_digest(tracking, tiny_network):
+    """Without promote's version tags the champion's test_accuracy comes from its run; without a
+    dataset_digest tag it cannot be compared at all."""
+    from tlkit import registry
+
+    client = mlflow.MlflowClient()
+    by_hand = make_run(tiny_network, 0.75, variant="by_hand", experiment="hand")
+    version = mlflow.register_model(f"runs:/{by_hand}/model", "m")
+    client.set_registered_model_alias("m", "champion", version.version)
+    make_run(tiny_network, 0.7, variant="lower")
+    lower = registry.promote(model_name="m")
+    assert (lower.registered, lower.promoted, lower.champion) == (True, False, "1")
+    assert lower.message.endswith("@champion stays v1 (?, test_accuracy 0.7500): it was tested on another dataset "
+                                  "(digest unknown), so the two cannot be compared (--force replaces it)")
+
+    client.set_model_version_tag("m", "1", "dataset_digest", DIGEST_A)  # now comparable, on its run's score
+    again = registry.promote(model_name="m")
+    assert (again.registered, again.promoted) == (False, False)
+    assert again.message.endswith("does not beat @champion v1 (?, test_accuracy 0.7500): champion kept")
+    make_run(tiny_network, 0.8, variant="higher")
+    higher = registry.promote(model_name="m")
+    assert (higher.promoted, higher.champion) == (True, "3")
+
+
+def test_promote_and_compare_within_one_suite(tracking, tiny_network):
+    """Only the suite's children count: nested under it, or tagged with it (a tuner's best trial)."""
+    from tlkit import registry
+
+    with mlflow.start_run(run_name="suite") as suite:
+        pass
+    nested = make_run(tiny_network, 0.6, variant="nested", tags={"mlflow.parentRunId": suite.info.run_id})
+    tagged = make_run(tiny_network, 0.7, variant="tagged", tags={"suite": suite.info.run_id})
+    make_run(tiny_network, 0.99, variant="outside")
+    rows = registry.compare(suite=suite.info.run_id)
+    assert [(r["variant"], r["run_id"]) for r in rows] == [("tagged", tagged), ("nested", nested)]
+    assert len(registry.compare()) == 3
+    promoted = registry.promote(suite=suite.info.run_id, model_name="m")
+    assert promoted.run_id == tagged and promoted.variant == "tagged"
+    with pytest.raises(registry.RegistryError, match=r"^nothing to promote in suite run nope: .*no variant run"):
+        registry.promote(suite="nope")
+
+
+def test_compare_ranks_runs_without_a_score_last_and_reads_stage_runs(tracking):
+    """A fine-tuned run's epochs are in its stage runs; a run that failed early has no score: '-' in
+    the table, empty in CSV, null in JSON."""
+    from tlkit import registry
+
+    def run(variant, metrics=None, history=(), parent=None, status="FINISHED"):
+        tags = {"dataset_digest": DIGEST_A, "dataset": "shapes"}
+        tags.update({"variant": variant} if variant else {"stage": "head", "mlflow.parentRunId": parent})
+        with mlflow.start_run(run_name=variant or "stage", tags=tags) as r:
+            mlflow.log_metrics(metrics or {})
+            for step, value in enumerate(history):
+                mlflow.log_metric("val_accuracy", value, step=step)
+            mlflow.end_run(status)
+        return r.info.run_id
+
+    finetuned = run("finetune", {"test_accuracy": 0.5, "epochs_run": 4})
+    run(None, history=(0.3, 0.45), parent=finetuned)
+    run(None, history=(0.4,), parent=finetuned)
+    crashed = run("crashed", status="FAILED")
+    b = run("b", {"test_accuracy": 0.5}, history=(0.2,))
+    rows = registry.compare()
+    assert [r["variant"] for r in rows] == ["b", "finetune", "crashed"]  # ties by variant name; no score last
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["finetune"]["best_val_accuracy"] == pytest.approx(0.45)
+    assert by_variant["finetune"]["epochs_run"] == 4 and by_variant["b"]["best_val_accuracy"] == pytest.approx(0.2)
+    missing = by_variant["crashed"]
+    assert (missing["run_id"], missing["status"], missing["test_accuracy"], missing["best_val_accuracy"],
+            missing["epochs_run"]) == (crashed, "FAILED", None, None, None)
+    assert by_variant["b"]["run_id"] == b and by_variant["b"]["duration_s"] >= 0
+
+    table = registry.render(rows, "table").splitlines()
+    assert table[0].split() == list(registry.COLUMNS)
+    assert table[3].split()[:7] == ["crashed", crashed, "FAILED", "-", "-", "-", table[3].split()[6]]
+    assert table[1].split()[3:5] == ["0.5000", "0.2000"] and table[1].split()[-1] == DIGEST_A[:12]
+    crashed_csv = list(csv.DictReader(io.StringIO(registry.render(rows, "csv"))))[2]
+    assert crashed_csv["test_accuracy"] == crashed_csv["epochs_run"] == "" and crashed_csv["status"] == "FAILED"
+    assert json.loads(registry.render(rows, "json"))[2]["test_accuracy"] is None
+    assert registry.render([], "table") == "  ".join(registry.COLUMNS) + "\n"
+    with pytest.raises(registry.RegistryError, match=r"^format must be one of table, csv, json, got 'xml'$"):
+        registry.render(rows, "xml")
+
+
+@pytest.mark.parametrize("name, why", [
+    (" m", "starts or ends with whitespace"),
+    ("m\t", "starts or ends with whitespace"),
+    ("50%", "contains '%'"),
+    ("..hidden", "'.', '..' and names starting with '..' are refused"),
+    (".", "'.', '..' and names starting with '..' are refused"),
+])
+def test_check_model_name_refuses(name, why):
+    from tlkit import registry
+
+    with pytest.raises(registry.RegistryError) as error:
+        registry.check_model_name(name)
+    assert str(error.value).startswith(f"model name {name!r} ") and why in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["m", "cifar10-vgg16", "a.b_c-d", "m" * 256, "with space", "v1..2"])
+def test_check_model_name_accepts(name):
+    from tlkit import registry
+
+    assert registry.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("dataset, base, name", [
+    ("cifar10", "VGG16", "cifar10-vgg16"),
+    ("My Photos", "MobileNetV3Small", "my-photos-mobilenetv3small"),
+    ("shapes/v2", "ResNet50", "shapes-v2-resnet50"),
+    ("", "", "tlkit-model"),
+    ("!!", "??", "tlkit-model"),
+])
+def test_default_model_name(dataset, base, name):
+    from tlkit import registry
+
+    assert registry.default_model_name(dataset, base) == name
+    assert registry.check_model_name(name) == name
+
+
 @pytest.mark.e2e
 def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path, monkeypatch):
     from tlkit import data
