@@ -1,10 +1,20 @@
-"""Shared fixtures: tiny image folders, a throw-away tracking store and feature cache."""
+"""Shared fixtures and helpers: tiny image folders, a throw-away tracking store and feature cache,
+the CLI in-process, subprocesses and servers, and runs made by hand in a store.
+
+Test modules import what they need from here (`from conftest import ...`), never from each other.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import subprocess
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +24,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+VGG16_WEIGHTS = REPO.parent / "shared" / "data" / "vgg16-imagenet-notop.weights.h5"
 CLASSES = ("circle", "square", "stripes")
+
+# The quickest training that still runs every step: random weights, 2 epochs, small batches. The
+# same settings as MLflow Project parameters (-P name=value) and as CLI options.
+FAST_PARAMS = {"weights": "none", "epochs": "2", "batch_size": "8"}
+FAST_ARGS = [word for name, value in FAST_PARAMS.items() for word in (f"--{name.replace('_', '-')}", value)]
+DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
 
 
 def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
@@ -86,9 +103,6 @@ def tracking(tmp_path, monkeypatch) -> str:
         yield uri
 
 
-VGG16_WEIGHTS = REPO.parent / "shared" / "data" / "vgg16-imagenet-notop.weights.h5"
-
-
 @pytest.fixture(scope="session")
 def cifar_sample(tmp_path_factory) -> Path:
     """A stratified CIFAR-10 sample as an image folder of the real JPEG files: the first 250 training
@@ -116,4 +130,135 @@ def image_rows(images):
     (MLflow refuses a bare (N, H, W, C) array under the model's column signature: tlkit/serving.py)."""
     import pandas as pd
 
-    return pd.DataFrame({"image": list(images)})
+    return pd.DataFrame({"image": pd.Series(list(images), dtype=object)})  # object: an empty one too
+# --- the CLI in-process ---------------------------------------------------------------------------
+
+def cli(*args: str):
+    """`tlkit ARGS` in-process; an exception the CLI does not turn into a message fails the test."""
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def invoke(*args: str):
+    """`tlkit ARGS` in-process as a user runs it: errors end in an exit code and a message."""
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clear(result, code: int, *pieces: str) -> None:
+    """Exit `code`, the message pieces in the output, no traceback."""
+    assert result.exit_code == code, result.output
+    for piece in pieces:
+        assert piece in result.output, result.output
+    assert "Traceback" not in result.output, result.output
+
+
+# --- subprocesses and servers --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a child process must not inherit it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, **extra}
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    """Until url answers; fails with the end of `log` if the process exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url}: the process exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process started with start_new_session=True, and everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# --- runs made by hand, as train.py leaves them ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_network():
+    """A network of raw 32x32 pixels that reads colour: the class is the image's dominant channel
+    (red: circle, green: square, blue: stripes, as `draw` paints them). Deterministic weights."""
+    import keras
+
+    pixels = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
+    dense = keras.layers.Dense(len(CLASSES), activation="softmax")
+    network = keras.Model(pixels, dense(x))
+    dense.set_weights([8 * np.eye(3, len(CLASSES), dtype="float32"), np.zeros(len(CLASSES), "float32")])
+    return network
+
+
+def make_run(network, accuracy: float, *, digest: str = DIGEST_A, status: str = "FINISHED", model: bool = True,
+             variant: str = "v", experiment: str = "Default", tags: dict | None = None) -> str:
+    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model.
+    `tags` adds to them (a suite's child: mlflow.parentRunId or suite)."""
+    import mlflow
+
+    from tlkit import spec as specs, tracking
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=variant) as run:
+        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest,
+                         **(tags or {})})
+        mlflow.log_metrics({"test_accuracy": accuracy, "epochs_run": 2})
+        for step, value in enumerate((accuracy / 2, accuracy)):
+            mlflow.log_metric("val_accuracy", value, step=step)
+        if model:
+            example = np.zeros((1, 32, 32, 3), np.uint8)
+            tracking.log_model(network, list(CLASSES), example, specs.DEFAULTS)
+        mlflow.end_run(status)
+    return run.info.run_id
+
+
+def versions(name: str) -> list:
+    """The registered model's versions, oldest first."""
+    import mlflow
+
+    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def all_runs(uri: str | None = None) -> list:
+    import mlflow
+
+    if uri is None:
+        return mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def no_registered_models(uri: str | None = None) -> bool:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri).search_registered_models() == []
+
+
+def no_features(cache: Path) -> bool:
+    """Nothing computed: the cache folder is absent, or empty (train checks that it can write there)."""
+    return not cache.exists() or not any(cache.iterdir())

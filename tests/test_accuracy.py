@@ -12,12 +12,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from click.testing import CliRunner
 
 from tlkit import registry
-from tlkit.cli import main
 
-from conftest import VGG16_WEIGHTS
+from conftest import VGG16_WEIGHTS, cli
 
 # The notebook's frozen baseline on this sample (2,250 training / 250 validation / 1,000 test
 # images, 32 px, 10 epochs, early stopping) scored 48.0% (seed 1995) and 48.9% (seed 7) here:
@@ -25,12 +23,13 @@ from conftest import VGG16_WEIGHTS
 # and is four times chance (10%); random weights score about 16%.
 BASELINE_FLOOR = 0.40
 
+pytestmark = pytest.mark.e2e  # ten epochs of the real VGG16 on real images
+
 
 def test_frozen_baseline_transfers_and_the_logged_model_agrees_on_the_files(cifar_sample, tracking):
     if not VGG16_WEIGHTS.exists():
         pytest.skip(f"{VGG16_WEIGHTS} not present (../shared/data/README.md)")
-    result = CliRunner().invoke(main, ["train", "baseline", "--data", str(cifar_sample),
-                                       "--weights", str(VGG16_WEIGHTS)], catch_exceptions=False)
+    result = cli("train", "baseline", "--data", str(cifar_sample), "--weights", str(VGG16_WEIGHTS))
     assert result.exit_code == 0, result.output
     run = mlflow.search_runs(filter_string="tags.variant = 'baseline'", output_format="list")[0]
     accuracy = run.data.metrics["test_accuracy"]

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from tlkit import data
 from tlkit.data import DataError, load
 
-CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+from conftest import CIFAR_ARCHIVE
 
 # Every image is a flat grey; its level says its class (base + image index), so the
 # tests can check that images and labels stay together through sampling and splits.
@@ -495,6 +495,7 @@ def cifar_folder(tmp_path_factory):
     shutil.rmtree(target, ignore_errors=True)  # 60,000 files: don't leave them in pytest's kept temp dirs
 
 
+@pytest.mark.e2e
 def test_real_cifar10_folder_with_limits(cifar_folder):
     ds = load(str(cifar_folder), limit=500, test_limit=200)
     assert ds.name == "cifar10"

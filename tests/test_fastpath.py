@@ -63,6 +63,7 @@ def assert_same_history(fast: dict, plain: dict) -> None:
         np.testing.assert_allclose(fast[key], plain[key], rtol=HISTORY_RTOL, err_msg=key)
 
 
+@pytest.mark.e2e  # trains: seconds each
 @pytest.mark.parametrize("variant, optimizer", [("baseline", "adam"), ("dropout", "adam"), ("sgd", "sgd")])
 def test_a_dense_head_trains_the_same_both_ways(variant, optimizer, monkeypatch):
     spec = specs.load(variant, {"weights": "none", "units": 16, "batch_size": 8, "patience": 0})
@@ -73,6 +74,7 @@ def test_a_dense_head_trains_the_same_both_ways(variant, optimizer, monkeypatch)
     assert plain["loss"][-1] < plain["loss"][0]  # it trained
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_a_conv_head_on_a_1x1_map_trains_the_same_both_ways(monkeypatch):
     """The fast way trains the conv's centre tap alone (views.CentreTap); SGD, as Adam's first
     sign-taking steps would amplify the rounding of a product against a conv."""
@@ -84,6 +86,7 @@ def test_a_conv_head_on_a_1x1_map_trains_the_same_both_ways(monkeypatch):
     assert_same_history(fast, plain)
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_fine_tuning_block5_on_2x2_maps_trains_the_same_both_ways(monkeypatch):
     """VGG16's block5 and the head on block4_pool features (32 px images): the fast way trains the
     convs as matrix products (views.Im2colConv2D) with fused SGD."""
@@ -121,6 +124,7 @@ def test_plain_keras_is_keras_own_compile_fit_and_predict(monkeypatch):
     assert not isinstance(fastpath.fit_arguments(**options)["x"], np.ndarray)
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_predict_is_the_same_both_ways(monkeypatch):
     """fastpath.predict calls the model eagerly in chunks; the numbers are model.predict's and
     model.evaluate's: inference mode (dropout off, BatchNorm's moving statistics), a partial last chunk."""
@@ -178,6 +182,7 @@ def test_training_batches_are_the_batches_keras_draws_from_arrays(count, dtype):
     assert not np.array_equal(ours[0][0][0], x[:8].astype("float32"))  # shuffled
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_the_fast_fit_is_the_seeds_model_fit_to_the_last_digit(monkeypatch):
     """Stated steps (one validation iterator an epoch, not two), the optimizer and metrics built
     before fit, steps_per_execution and a view: none may change a number against a plain compile
@@ -231,6 +236,7 @@ def test_mirrored_batches_draw_each_sample_once_as_itself_or_mirrored(plain, mon
         make(x, y, 8, x_mirrored=x[:10])
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_a_conv_on_a_1x1_map_trains_as_its_centre_tap():
     """The training view computes what the 3x3 conv computes and, under SGD (no sign-taking step
     to amplify rounding, as Adam's first steps do), trains it to the same weights."""
@@ -273,6 +279,7 @@ def test_a_conv_without_a_faster_exact_form_trains_as_it_is(shape, regularized):
     assert not any(hasattr(layer, "write_back") for layer in view.layers)
 
 
+@pytest.mark.e2e  # trains: seconds each
 def test_a_conv_on_a_small_map_trains_as_one_matrix_product_on_its_own_weights():
     """VGG16's block5 at 2x2 (and a 3x3 map) in fine-tuning's view: the same outputs, the conv's own
     variables trained in place, and under SGD the same weights after training as the plain Keras

@@ -4,6 +4,10 @@ Every case ends the same way: one line that names the parameter or file and what
 for bad input and 1 for a failure while running, no traceback unless --debug, no run left RUNNING,
 nothing half-written or half-registered. The CLI runs in-process (CliRunner) on tiny data; a
 subprocess only where the point is a real signal, a second process or a server.
+
+End to end, all of it (pytest -m e2e): the messages themselves are unit-tested where they are made
+(tests/test_spec.py, test_data.py, test_features.py, test_registry.py); here the whole command
+shows that it stops before any data is loaded, any run created or anything registered.
 """
 
 from __future__ import annotations
@@ -22,42 +26,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import features
-from tlkit.cli import main
 
-from conftest import draw, make_image_folder, using_tracking
-from test_registry import clean_env, free_port, make_run, stop, wait_for
+from conftest import (FAST_ARGS, all_runs, assert_clear, clean_env, draw, free_port, invoke, make_image_folder,
+                      make_run, no_features, no_registered_models, stop, using_tracking, wait_for)
 
-FAST = ["--weights", "none", "--epochs", "1", "--batch-size", "8"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_clear(result, code: int, *pieces: str) -> None:
-    """Exit `code`, the message pieces in the output, no traceback."""
-    assert result.exit_code == code, result.output
-    for piece in pieces:
-        assert piece in result.output, result.output
-    assert "Traceback" not in result.output, result.output
-
-
-def all_runs(uri: str | None = None) -> list:
-    return mlflow.search_runs(search_all_experiments=True, output_format="list") if uri is None else \
-        mlflow.MlflowClient(tracking_uri=uri).search_runs(
-            [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()])
-
-
-def no_features(cache: Path) -> bool:
-    """Nothing computed: the cache folder is absent, or empty (train checks that it can write there)."""
-    return not cache.exists() or not any(cache.iterdir())
-
-
-def no_registered_models(uri: str | None = None) -> bool:
-    return mlflow.MlflowClient(tracking_uri=uri).search_registered_models() == []
+pytestmark = pytest.mark.e2e
 
 
 # --- parameters: rejected before any data is loaded or run created --------------------------------
@@ -195,7 +170,7 @@ def test_unreadable_files_are_skipped_and_odd_images_converted(tracking, tmp_pat
 
     caplog.set_level(logging.INFO, logger="tlkit")
     with pytest.warns(UserWarning, match=r"skipped 3 unreadable image file\(s\): train/square/broken.png"):
-        result = invoke("train", "baseline", "--data", str(root), *FAST)
+        result = invoke("train", "baseline", "--data", str(root), *FAST_ARGS)
     assert result.exit_code == 0, result.output
     [run] = all_runs()
     assert run.info.status == "FINISHED" and run.data.tags["skipped_files"] == "3"
@@ -213,7 +188,7 @@ def test_an_unreachable_tracking_server_fails_before_any_work(extra, tracking, i
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
     mlflow.set_tracking_uri(closed)
     started = time.monotonic()
-    result = invoke("train", "baseline", "--data", str(image_folder), *FAST, *extra)
+    result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, *extra)
     assert_clear(result, 1, f"tracking server {closed} is not reachable")
     assert invoke("promote", *extra).exit_code == 1
     assert time.monotonic() - started < 30
@@ -225,14 +200,14 @@ def test_an_unusable_tracking_store_is_named(tracking, image_folder, tmp_path):
     (tmp_path / "file").write_text("")
     store = f"sqlite:///{tmp_path}/file/mlflow.db"
     mlflow.set_tracking_uri(store)
-    assert_clear(invoke("train", "baseline", "--data", str(image_folder), *FAST), 1, f"{store} is not usable")
+    assert_clear(invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS), 1, f"{store} is not usable")
 
 
 def test_an_unwritable_cache_folder_fails_before_the_data_and_the_run(tracking, image_folder, tmp_path):
     """As root, chmod does not stop writes: a folder under a regular file does."""
     (tmp_path / "file").write_text("")
     cache = tmp_path / "file" / "cache"
-    result = invoke("train", "baseline", "--data", str(image_folder), *FAST, "--cache-dir", str(cache))
+    result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, "--cache-dir", str(cache))
     assert_clear(result, 1, f"cannot write the feature cache in {cache}: Not a directory")
     assert all_runs() == []
 
@@ -253,7 +228,7 @@ def full_disk():
 
 
 def test_a_full_disk_fails_the_run_and_leaves_no_entry(tracking, image_folder, full_disk):
-    result = invoke("train", "baseline", "--data", str(image_folder), *FAST, "--cache-dir", str(full_disk))
+    result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, "--cache-dir", str(full_disk))
     assert_clear(result, 1, f"cannot write the feature cache in {full_disk}: No space left on device")
     [run] = all_runs()
     assert run.info.status == "FAILED"
@@ -263,7 +238,7 @@ def test_a_full_disk_fails_the_run_and_leaves_no_entry(tracking, image_folder, f
 def test_a_corrupted_entry_and_a_crashed_writers_leftovers(tracking, image_folder, tmp_path, caplog):
     """Through the CLI: a flipped byte is caught by the checksum and the entry recomputed with a
     warning; the temporary folder a crashed writer left is not taken for an entry."""
-    assert invoke("train", "baseline", "--data", str(image_folder), *FAST).exit_code == 0
+    assert invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS).exit_code == 0
     [first] = all_runs()
     key = first.data.tags["feature_cache_key"]
     array = tmp_path / "cache" / key / "train.npy"
@@ -274,7 +249,7 @@ def test_a_corrupted_entry_and_a_crashed_writers_leftovers(tracking, image_folde
     crashed.mkdir()
     (crashed / "train.npy").write_bytes(raw[: len(raw) // 2])
 
-    result = invoke("train", "baseline", "--data", str(image_folder), *FAST)
+    result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS)
     assert result.exit_code == 0, result.output
     assert "is corrupted" in caplog.text and "recomputing" in caplog.text
     second = max(all_runs(), key=lambda r: r.info.start_time)
@@ -284,7 +259,7 @@ def test_a_corrupted_entry_and_a_crashed_writers_leftovers(tracking, image_folde
 
 
 def test_two_processes_on_one_cache_both_finish(image_folder, tmp_path):
-    commands = [[sys.executable, "-m", "tlkit.cli", "train", "baseline", "--data", str(image_folder), *FAST]
+    commands = [[sys.executable, "-m", "tlkit.cli", "train", "baseline", "--data", str(image_folder), *FAST_ARGS]
                 for _ in range(2)]
     logs = [tmp_path / f"{i}.log" for i in range(2)]
     processes = [subprocess.Popen(command, env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/{i}.db",
@@ -380,24 +355,6 @@ def test_debug_shows_the_traceback_and_only_then(tmp_path):
 
 # --- the registry ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    import keras
-
-    pixels = keras.Input((32, 32, 3))
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
-    return keras.Model(pixels, keras.layers.Dense(3, activation="softmax")(x))
-
-
-def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_model):
-    make_run(tiny_model, 0.9, status="FAILED", variant="crashed")
-    make_run(tiny_model, 0.8, status="KILLED", variant="stopped")
-    make_run(tiny_model, 0.7, model=False, variant="no_model")
-    assert_clear(invoke("promote"), 2, "nothing to promote in experiment Default",
-                 "variant runs there: 1 FAILED, 1 FINISHED without a logged model, 1 KILLED")
-    assert no_registered_models()
-
-
 @pytest.mark.parametrize("name, message", [
     ("team/model", "contains '/'"),
     ("model:1", "contains ':'"),
@@ -406,25 +363,25 @@ def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_model):
     ("..", "'.', '..' and names starting with '..' are refused"),
     pytest.param("m" * 257, "is 257 characters long", id="257 characters"),
 ])
-def test_a_model_name_mlflow_refuses_is_rejected_before_anything(name, message, tracking, tiny_model, image_folder):
-    make_run(tiny_model, 0.9)
+def test_a_model_name_mlflow_refuses_is_rejected_before_anything(name, message, tracking, tiny_network, image_folder):
+    make_run(tiny_network, 0.9)
     assert_clear(invoke("promote", "--model-name", name), 2, f"model name {name!r}", message)
     assert no_registered_models()
     # The suite checks it before training, not after.
-    assert_clear(invoke("suite", "--variants", "baseline", "--data", str(image_folder), *FAST, "--model-name", name),
-                 2, message)
+    assert_clear(invoke("suite", "--variants", "baseline", "--data", str(image_folder), *FAST_ARGS,
+                        "--model-name", name), 2, message)
     assert len(all_runs()) == 1
 
 
-def test_a_champion_whose_run_was_deleted(tracking, tiny_model, tmp_path, caplog):
+def test_a_champion_whose_run_was_deleted(tracking, tiny_network, tmp_path, caplog):
     """Deleted, then `mlflow gc`: the champion still serves and is still compared (its version tags
     hold its score); one registered by hand, without them, is kept and said to be incomparable."""
     from PIL import Image
 
     client = mlflow.MlflowClient()
-    gone = make_run(tiny_model, 0.9, variant="gone")
+    gone = make_run(tiny_network, 0.9, variant="gone")
     assert invoke("promote", "--model-name", "m").exit_code == 0
-    by_hand = make_run(tiny_model, 0.95, variant="by_hand", experiment="hand")
+    by_hand = make_run(tiny_network, 0.95, variant="by_hand", experiment="hand")
     version = mlflow.register_model(f"runs:/{by_hand}/model", "hand")
     client.set_registered_model_alias("hand", "champion", version.version)
     for run_id in (gone, by_hand):
@@ -435,7 +392,7 @@ def test_a_champion_whose_run_was_deleted(tracking, tiny_model, tmp_path, caplog
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_run(gone)
 
-    make_run(tiny_model, 0.7, variant="newer")
+    make_run(tiny_network, 0.7, variant="newer")
     result = invoke("promote", "--model-name", "m")
     assert_clear(result, 0, "m v2 (newer, test_accuracy 0.7000) does not beat @champion v1 (gone, test_accuracy 0.9000)")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
@@ -503,7 +460,7 @@ def test_train_and_promote_on_a_basic_auth_server(auth_server, image_folder, tmp
                 monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
                 monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
             started = time.monotonic()
-            result = invoke("train", "baseline", "--data", str(image_folder), *FAST, "--experiment", "secured")
+            result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, "--experiment", "secured")
             assert_clear(result, 1, f"tracking server {auth_server} refused the credentials",
                          "MLFLOW_TRACKING_USERNAME")
             assert_clear(invoke("promote", "--experiment", "secured"), 1, "refused the credentials")
@@ -513,12 +470,12 @@ def test_train_and_promote_on_a_basic_auth_server(auth_server, image_folder, tmp
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "alice-password-1")
         assert mlflow.get_experiment_by_name("secured") is None  # the refused calls created nothing
         # A new user may read the Default experiment, not write to it: said before any training.
-        result = invoke("train", "baseline", "--data", str(image_folder), *FAST)
+        result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS)
         assert_clear(result, 1, f"tracking server {auth_server} does not let alice write to experiment 'Default'",
                      "--experiment NAME")
         assert mlflow.search_runs(experiment_names=["Default"], output_format="list") == []
         assert no_features(tmp_path / "cache")
-        result = invoke("train", "baseline", "--data", str(image_folder), *FAST, "--experiment", "secured")
+        result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, "--experiment", "secured")
         assert result.exit_code == 0, result.output
         result = invoke("promote", "--experiment", "secured")
         assert result.exit_code == 0, result.output

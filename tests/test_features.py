@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -54,6 +55,118 @@ def test_the_key_changes_with_everything_that_produced_the_features(tmp_path):
     b.write_bytes(b"two")
     assert features.weights_id(str(a)) != features.weights_id(str(b))
     assert features.weights_id(str(a)) == features.weights_id(str(a))
+
+
+def test_the_key_ignores_what_only_the_head_and_its_training_use():
+    """Every variant on one base, size, data and sample shares one entry: the head, the optimiser and
+    the epochs do not change the features."""
+    spec = specs.merge({"weights": "none"})
+    key = features.key_of(features.key_fields(spec, "d" * 64, "block5_pool"))
+    head_only = {"head": "conv", "units": 64, "conv_filters": 8, "l2": 0.01, "dropout": 0.5, "optimizer": "sgd",
+                 "momentum": 0.9, "learning_rate": 0.1, "epochs": 3, "batch_size": 4, "patience": 0,
+                 "restore_best_weights": False, "unfreeze": "block5", "finetune_epochs": 2, "flip": True,
+                 "classes": "cat,dog", "data": "/elsewhere/same-images"}  # classes and data: in the digest
+    for name, value in head_only.items():
+        fields = features.key_fields(specs.merge({name: value}, spec), "d" * 64, "block5_pool")
+        assert features.key_of(fields) == key, name
+
+
+def test_the_key_is_24_hex_digits_of_the_fields_in_any_order():
+    fields = dict(FIELDS)
+    key = features.key_of(fields)
+    assert len(key) == 24 and int(key, 16) >= 0
+    assert features.key_of(dict(reversed(list(fields.items())))) == key
+    assert fields["format"] == features.FORMAT_VERSION and fields["weights"] == "none"
+    assert features.key_of({**fields, "format": features.FORMAT_VERSION + 1}) != key  # a new layout, new keys
+    assert features.key_of({**fields, "transform": "hflip"}) != key  # mirrored images: an entry of their own
+    assert features.key_fields(specs.merge({}), "d" * 64, "block5_pool")["weights"] == "imagenet"
+
+
+def test_a_weights_file_is_known_by_its_sha256(tmp_path):
+    import hashlib
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"some weights")
+    assert features.weights_id(str(path)) == "sha256:" + hashlib.sha256(b"some weights").hexdigest()
+    renamed = tmp_path / "renamed.h5"
+    path.rename(renamed)
+    assert features.weights_id(str(renamed)) == "sha256:" + hashlib.sha256(b"some weights").hexdigest()
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert features.default_cache_dir() == tmp_path / "mine"
+    assert features.FeatureCache().root == tmp_path / "mine"
+    monkeypatch.delenv("TLKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert features.default_cache_dir() == tmp_path / "xdg" / "tlkit" / "features"
+
+
+def test_write_then_read_round_trips_with_checksums(tmp_path):
+    cache = features.FeatureCache(tmp_path)
+    arrays = {split: np.random.default_rng(i).normal(size=(n, 2, 2, 3)).astype("float16")
+              for i, (split, n) in enumerate((("train", 6), ("val", 2), ("test", 3)))}
+    key = features.key_of(FIELDS)
+    assert not cache.has(key) and cache.read(key) is None
+    cache.write(key, FIELDS, arrays)
+    assert cache.has(key)
+    meta = json.loads((tmp_path / key / "meta.json").read_text())
+    assert meta["fields"] == FIELDS
+    assert meta["sha256"] == {split: features.file_sha256(tmp_path / key / f"{split}.npy") for split in arrays}
+    entry = cache.read(key)
+    assert entry.hit and entry.key == key and entry.splits == ("train", "val", "test")
+    for split, array in arrays.items():
+        got = getattr(entry, split)
+        assert isinstance(got, np.memmap) and got.dtype == np.float16
+        np.testing.assert_array_equal(got, array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [key]
+
+
+def test_an_entry_of_the_training_images_alone(tmp_path):
+    """The mirrored images' entry: train only, val and test None."""
+    cache = features.FeatureCache(tmp_path)
+    fields = {**FIELDS, "transform": "hflip"}
+    cache.write(features.key_of(fields), fields, {"train": np.ones((4, 1, 1, 2), "float32")})
+    entry = cache.read(features.key_of(fields))
+    assert entry.splits == ("train",) and entry.val is None and entry.test is None
+    assert np.asarray(entry.train).sum() == 8
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda entry: (entry / "val.npy").unlink(), "No such file"),
+    (lambda entry: (entry / "meta.json").write_text("{not json"), "Expecting property name"),
+    (lambda entry: (entry / "meta.json").write_text('{"fields": {}}'), "'sha256'"),
+    (lambda entry: (entry / "meta.json").write_text('{"fields": {}, "sha256": {"val": "00"}}'),
+     "it holds no training features"),
+    (lambda entry: (entry / "test.npy").write_bytes(b""), "test.npy does not match its checksum"),
+], ids=["a missing array", "meta not JSON", "meta without checksums", "no train", "an emptied array"])
+def test_a_damaged_entry_reads_as_absent_and_is_removed(damage, reason, tmp_path, caplog):
+    cache = features.FeatureCache(tmp_path)
+    key = features.key_of(FIELDS)
+    cache.write(key, FIELDS, {split: np.zeros((2, 1, 1, 1), "float32") for split in features.SPLITS})
+    damage(tmp_path / key)
+    assert cache.read(key) is None
+    assert not (tmp_path / key).exists() and not cache.has(key)
+    assert f"feature cache entry {tmp_path / key} is corrupted" in caplog.text and reason in caplog.text
+
+
+def test_a_second_writer_of_the_same_entry_keeps_the_first_ones(tmp_path):
+    """Two processes computed one entry: the rename of the second finds it in place; no error, no leftovers."""
+    cache = features.FeatureCache(tmp_path)
+    key = features.key_of(FIELDS)
+    cache.write(key, FIELDS, {"train": np.ones((2, 1), "float32")})
+    cache.write(key, FIELDS, {"train": np.zeros((2, 1), "float32")})
+    np.testing.assert_array_equal(cache.read(key).train, np.ones((2, 1)))
+    assert [p.name for p in tmp_path.iterdir()] == [key]
+
+
+def test_check_writable_names_the_folder(tmp_path):
+    features.FeatureCache(tmp_path / "new" / "cache").check_writable()  # made on the way
+    assert (tmp_path / "new" / "cache").is_dir() and list((tmp_path / "new" / "cache").iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(features.FeatureCacheError) as error:
+        features.FeatureCache(tmp_path / "file" / "cache").check_writable()
+    assert str(error.value) == f"cannot write the feature cache in {tmp_path}/file/cache: Not a directory"
 
 
 def test_miss_then_hit_memory_mapped_and_identical(tmp_path):
@@ -117,6 +230,7 @@ def _compute_in_process(root: str, queue) -> None:
     queue.put((result.key, float(np.asarray(result.train).sum())))
 
 
+@pytest.mark.e2e
 def test_two_processes_computing_the_same_entry_both_finish(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

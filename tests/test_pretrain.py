@@ -18,19 +18,13 @@ import h5py
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import models, pretrain as pretraining, spec as specs
-from tlkit.cli import main
 from tlkit.features import file_sha256
 
-from conftest import REPO, image_rows
+from conftest import REPO, cli, image_rows
 
 SMALL = ["--base", "MobileNetV3Small", "--preprocess", "base"]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def file_arrays(path) -> list[np.ndarray]:
@@ -55,6 +49,7 @@ def logged_base(run_id: str, tmp_path) -> collections.Counter:
     return fingerprints(network.get_layer("MobileNetV3Small_frozen").get_weights())
 
 
+@pytest.mark.e2e
 def test_pretrain_writes_a_base_that_every_variant_loads(image_folder, tracking, tmp_path):
     result = cli("pretrain", "--data", str(image_folder), *SMALL, "--epochs", "2", "--batch-size", "8")
     assert result.exit_code == 0, result.output
@@ -109,6 +104,7 @@ def test_pretrain_writes_a_base_that_every_variant_loads(image_folder, tracking,
     assert f"weights file {path} does not fit MobileNetV2" in result.output
 
 
+@pytest.mark.e2e
 def test_tune_and_suite_take_the_file(image_folder, tracking, tmp_path):
     spec = pretraining.pretrain_spec({"data": str(image_folder), "base": "MobileNetV3Small", "preprocess": "base",
                                       "epochs": 1, "batch_size": 8})
@@ -144,6 +140,7 @@ def test_scratch_trains_the_whole_base(image_folder, tracking):
         specs.load("scratch", {"unfreeze": "block5"})
 
 
+@pytest.mark.e2e
 def test_classes_select_and_order_end_to_end(image_folder, tracking):
     result = cli("train", "baseline", "--data", str(image_folder), "--classes", "stripes,circle",
                  "--weights", "none", "--epochs", "1", "--batch-size", "8")
@@ -162,6 +159,7 @@ def test_classes_select_and_order_end_to_end(image_folder, tracking):
     assert not any("square" in name for name in run.data.metrics)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["train baseline", "pretrain"])
 def test_an_unknown_class_is_one_line_and_exit_2(command, image_folder, tracking):
     result = cli(*command.split(), "--data", str(image_folder), "--classes", "circle,hexagon", *SMALL,
@@ -187,6 +185,7 @@ def test_pretrain_rejects_bad_options_before_training(args, message, image_folde
         pretraining.pretrain_spec({"unfreeze": "block5"})
 
 
+@pytest.mark.e2e
 def test_mlflow_run_pretrain_with_classes(image_folder, tracking, tmp_path):
     """The MLproject entry point, with a source task of two classes out of three."""
     output = tmp_path / "out" / "source.weights.h5"

@@ -11,13 +11,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import compare, registry, stats
-from tlkit.cli import main
 
-CLASSES = ("circle", "square", "stripes")
+from conftest import CLASSES, invoke, versions
+
 DIGEST = "d" * 64
+NAME = "shapes-vgg16"  # the default name promote gives: <dataset>-<base>
 IMAGES = 1200
 
 
@@ -66,15 +66,6 @@ def test_the_predictions_file_round_trips_and_is_small():
 
 # --------------------------------------------------------------------------- runs with known answers
 
-@pytest.fixture(scope="module")
-def tiny_network():
-    import keras
-
-    pixels = keras.Input((32, 32, 3))
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
-    return keras.Model(pixels, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
-
-
 TRUTH = np.arange(IMAGES) % len(CLASSES)
 
 
@@ -107,19 +98,15 @@ def right_on(fraction: float, seed: int) -> np.ndarray:
     return rng.random(IMAGES) < fraction
 
 
-def versions(name: str = "shapes-vgg16") -> list:
-    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-
-
 def champion_version() -> str:
-    return str(mlflow.MlflowClient().get_model_version_by_alias("shapes-vgg16", "champion").version)
+    return str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version)
 
 
 def test_a_clear_gain_is_promoted_with_its_evidence_recorded(tracking, tiny_network):
     base = right_on(0.60, 1)
     first = make_run(tiny_network, answers(base), variant="baseline")
     assert registry.promote().promoted  # no champion yet: the best run becomes it
-    assert versions()[0].description.endswith("It became @champion: there was none.")
+    assert versions(NAME)[0].description.endswith("It became @champion: there was none.")
     better = base | right_on(0.5, 2)  # right wherever the champion was, and on half of the rest
     candidate = make_run(tiny_network, answers(better), variant="finetune")
     result = registry.promote()
@@ -130,7 +117,7 @@ def test_a_clear_gain_is_promoted_with_its_evidence_recorded(tracking, tiny_netw
     low, high = report["gain_interval_points"]
     assert low < report["gain_points"] < high and low > 0
     assert "McNemar p = " in result.message and "is now @champion" in result.message
-    version = versions()[-1]
+    version = versions(NAME)[-1]
     assert version.tags["promotion_decision"] == "promoted" and float(version.tags["promotion_p_value"]) < 1e-10
     assert version.tags["promotion_against"] == "1"
     assert "finetune variant" in version.description and "95% interval" in version.description
@@ -141,7 +128,7 @@ def test_a_clear_gain_is_promoted_with_its_evidence_recorded(tracking, tiny_netw
     assert artifacts == {"promotion/report.json", "promotion/per_class_accuracy.png"}
     # Promoting again: nothing new registered, the champion stays.
     again = registry.promote()
-    assert not again.registered and len(versions()) == 2 and "already @champion" in again.message
+    assert not again.registered and len(versions(NAME)) == 2 and "already @champion" in again.message
 
 
 def test_a_gain_within_noise_keeps_the_champion_and_says_so(tracking, tiny_network):
@@ -158,9 +145,9 @@ def test_a_gain_within_noise_keeps_the_champion_and_says_so(tracking, tiny_netwo
     assert not result.promoted and champion_version() == "1"
     assert "within noise" in result.message and "champion kept" in result.message
     assert result.report["p_value"] > 0.05
-    assert versions()[-1].tags["promotion_decision"] == "kept"
+    assert versions(NAME)[-1].tags["promotion_decision"] == "kept"
     # --significance 1 is the old rule: any gain wins.
-    forced = CliRunner().invoke(main, ["promote", "--significance", "1"])
+    forced = invoke("promote", "--significance", "1")
     assert forced.exit_code == 0, forced.output
     assert "is now @champion" in forced.output and champion_version() == "2"
 
@@ -172,9 +159,9 @@ def test_a_per_class_regression_is_reported_beside_the_overall_gain(tracking, ti
     better = base | right_on(0.8, 7)
     better[TRUTH == 0] = base[TRUTH == 0] & right_on(0.5, 8)[TRUTH == 0]  # class 0 gets worse
     make_run(tiny_network, answers(better), variant="augment")
-    result = CliRunner().invoke(main, ["promote"])
+    result = invoke("promote")
     assert result.exit_code == 0, result.output
-    per_class = mlflow.artifacts.load_dict(f"runs:/{versions()[-1].run_id}/promotion/report.json")["per_class"]
+    per_class = mlflow.artifacts.load_dict(f"runs:/{versions(NAME)[-1].run_id}/promotion/report.json")["per_class"]
     assert [row["class"] for row in per_class] == list(CLASSES)
     assert per_class[0]["change_points"] < -10 and per_class[1]["change_points"] > 10
     assert "per-class accuracy change (candidate - champion, points): circle -" in result.output
@@ -198,14 +185,14 @@ def test_a_champion_without_predictions_falls_back_to_the_old_rule(tracking, tin
     make_run(tiny_network, answers(right_on(0.605, 11)), variant="sgd", accuracy=0.605)
     result = registry.promote()
     assert result.promoted and "the champion has no per-image test predictions" in result.message
-    assert versions()[-1].tags["promotion_test"].startswith("none")
+    assert versions(NAME)[-1].tags["promotion_test"].startswith("none")
 
 
 @pytest.mark.parametrize("args, message", [(["--min-gain", "-1"], "--min-gain must be 0 or more"),
                                            (["--significance", "0"], "--significance must be in (0, 1]"),
                                            (["--significance", "1.5"], "--significance must be in (0, 1]")])
 def test_a_bad_gate_is_one_line_and_exit_2(args, message, tracking):
-    result = CliRunner().invoke(main, ["promote", *args])
+    result = invoke("promote", *args)
     assert result.exit_code == 2 and message in result.output
 
 

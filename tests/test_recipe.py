@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-from click.testing import CliRunner
 
 from tlkit import spec as specs
-from tlkit.cli import main
 
-FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
+from conftest import FAST_ARGS, cli, invoke
 
 
+@pytest.mark.e2e
 def test_recipe_runs_every_stage_and_chooses_on_validation_accuracy(image_folder, tracking, tmp_path):
     chosen_file = tmp_path / "chosen.toml"
-    result = CliRunner().invoke(main, ["recipe", "--data", str(image_folder), *FAST, "--limit", "30",
-                                       "--output", str(chosen_file)], catch_exceptions=False)
+    result = cli("recipe", "--data", str(image_folder), *FAST_ARGS, "--limit", "30", "--output", str(chosen_file))
     assert result.exit_code == 0, result.output
     parent = mlflow.search_runs(filter_string="tags.mlflow.runName = 'recipe'", output_format="list")[0]
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
@@ -48,10 +46,10 @@ def test_recipe_runs_every_stage_and_chooses_on_validation_accuracy(image_folder
     assert "recipe search" in description and not {"data", "weights"} & set(diff)
     assert mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/chosen.toml") == chosen_file.read_text()
     assert f"variant file {chosen_file}" in result.output
-    rerun = CliRunner().invoke(main, ["train", str(chosen_file), "--data", str(image_folder), *FAST, "--limit", "30"])
+    rerun = invoke("train", str(chosen_file), "--data", str(image_folder), *FAST_ARGS, "--limit", "30")
     assert rerun.exit_code == 0, rerun.output
 
 
 def test_recipe_refuses_an_output_that_is_not_a_variant_file(image_folder, tracking):
-    result = CliRunner().invoke(main, ["recipe", "--data", str(image_folder), *FAST, "--output", "x.json"])
+    result = invoke("recipe", "--data", str(image_folder), *FAST_ARGS, "--output", "x.json")
     assert result.exit_code == 2 and "must end in .toml" in result.output

@@ -14,68 +14,18 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tlkit.cli import main
-
-from conftest import CLASSES, REPO, draw, image_rows, using_tracking
-
-FAST = {"weights": "none", "epochs": "2", "batch_size": "8"}
-DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a child process must not inherit it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, **extra}
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{url}: the process exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a process started with start_new_session=True, and everything it started."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+from conftest import (CLASSES, DIGEST_A, DIGEST_B, FAST_PARAMS, REPO, assert_clear, clean_env, cli, draw, free_port,
+                      image_rows, invoke, make_run, no_registered_models, stop, using_tracking, versions, wait_for)
 
 
 # --- a private PostgreSQL and an MLflow server on it -------------------------------------------
@@ -148,11 +98,12 @@ def on_server(mlflow_server, tmp_path, monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_suite_compare_promote_predict_download_serve(on_server, image_folder, tmp_path, monkeypatch):
     from PIL import Image
 
     # 1. The README's main command, through the MLproject entry point, two variants on tiny data.
-    params = {"variants": "baseline,conv_head", "data": str(image_folder), **FAST}
+    params = {"variants": "baseline,conv_head", "data": str(image_folder), **FAST_PARAMS}
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "suite", "--env-manager", "local",
                "--experiment-name", "suite"] + [x for k, v in params.items() for x in ("-P", f"{k}={v}")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400,
@@ -264,38 +215,6 @@ def test_suite_compare_promote_predict_download_serve(on_server, image_folder, t
 
 # --- promote's rules and compare's formats, on small real models ---------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_network():
-    import keras
-
-    pixels = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 255)(pixels)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(pixels, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
-
-
-def make_run(network, accuracy: float, *, digest: str = DIGEST_A, status: str = "FINISHED", model: bool = True,
-             variant: str = "v", experiment: str = "Default") -> str:
-    """A variant run as train.py leaves it: tags, test_accuracy, and (unless model=False) the model."""
-    from tlkit import spec as specs, tracking
-
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=variant) as run:
-        mlflow.set_tags({"variant": variant, "base": "VGG16", "dataset": "shapes", "dataset_digest": digest})
-        mlflow.log_metrics({"test_accuracy": accuracy, "epochs_run": 2})
-        for step, value in enumerate((accuracy / 2, accuracy)):
-            mlflow.log_metric("val_accuracy", value, step=step)
-        if model:
-            example = np.zeros((1, 32, 32, 3), np.uint8)
-            tracking.log_model(network, list(CLASSES), example, specs.DEFAULTS)
-        mlflow.end_run(status)
-    return run.info.run_id
-
-
-def versions(name: str) -> list:
-    return sorted(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-
-
 def test_promote_picks_the_best_finished_run_with_a_model_on_one_dataset(tracking, tiny_network):
     make_run(tiny_network, 0.60, variant="low")
     best = make_run(tiny_network, 0.80, variant="best")
@@ -304,7 +223,7 @@ def test_promote_picks_the_best_finished_run_with_a_model_on_one_dataset(trackin
     other = make_run(tiny_network, 0.97, variant="other_data", digest=DIGEST_B)
 
     # Two datasets: their accuracies cannot be compared, so the user must choose.
-    result = CliRunner().invoke(main, ["promote"])
+    result = invoke("promote")
     assert result.exit_code == 2 and "2 datasets" in result.output and "--dataset-digest" in result.output
     assert "Traceback" not in result.output
     assert versions("shapes-vgg16") == []
@@ -361,8 +280,7 @@ def test_compare_formats_agree(tracking, tiny_network):
     table = [line.split() for line in cli("compare").output.strip().splitlines()]
 
     assert [r["variant"] for r in as_json] == ["top", "mid", "broken"]
-    assert table[0] == ["variant", "run_id", "status", "test_accuracy", "95%_interval", "vs_best_pts", "p_mcnemar",
-                        "best_val_accuracy", "epochs_run", "duration_s", "dataset", "dataset_digest"]
+    assert table[0] == list(compare.TABLE_HEADER)
     assert list(as_csv[0]) == list(compare.COLUMNS) == list(as_json[0])
     assert [r["run_id"] for r in as_json] == [r["run_id"] for r in as_csv] == [line[1] for line in table[1:]]
     for j, c, t in zip(as_json, as_csv, table[1:]):
@@ -374,6 +292,207 @@ def test_compare_formats_agree(tracking, tiny_network):
         assert t[4:7] == ["-", "-", "-"]  # runs without per-image predictions: no interval, no pairing
 
 
+def test_promote_says_why_nothing_can_be_promoted(tracking, tiny_network):
+    make_run(tiny_network, 0.9, status="FAILED", variant="crashed")
+    make_run(tiny_network, 0.8, status="KILLED", variant="stopped")
+    make_run(tiny_network, 0.7, model=False, variant="no_model")
+    assert_clear(invoke("promote"), 2, "nothing to promote in experiment Default",
+                 "variant runs there: 1 FAILED, 1 FINISHED without a logged model, 1 KILLED")
+    assert no_registered_models()
+
+
+def test_a_champion_tested_on_another_dataset_is_kept_unless_forced(tracking, tiny_network):
+    from tlkit import registry
+
+    client = mlflow.MlflowClient()
+    first = make_run(tiny_network, 0.9, variant="on_a")
+    assert registry.promote(model_name="m", dataset_digest="aaaa").promoted
+    other = make_run(tiny_network, 0.5, variant="on_b", digest=DIGEST_B)
+
+    kept = registry.promote(model_name="m", dataset_digest="bbbb")
+    assert (kept.registered, kept.promoted, kept.version, kept.champion, kept.run_id) == (True, False, "2", "1", other)
+    assert kept.message == ("m v2 (on_b, test_accuracy 0.5000) registered; @champion stays v1 (on_a, test_accuracy "
+                            "0.9000): it was tested on another dataset (digest aaaaaaaaaaaa), so the two cannot be "
+                            "compared (--force replaces it)")
+    assert client.get_model_version_by_alias("m", "champion").run_id == first
+
+    forced = registry.promote(model_name="m", dataset_digest="bbbb", force=True)
+    assert (forced.registered, forced.promoted, forced.version, forced.champion) == (False, True, "2", "2")
+    assert forced.message == ("m v2 (on_b, test_accuracy 0.5000) replaces @champion v1 (on_a, test_accuracy 0.9000), "
+                              "which was tested on another dataset (digest aaaaaaaaaaaa) (forced)")
+    assert client.get_model_version_by_alias("m", "champion").run_id == other
+    back = registry.promote(model_name="m", dataset_digest="aaaa", force=True)  # v1 again: nothing registered
+    assert (back.registered, back.promoted, back.version, back.champion) == (False, True, "1", "1")
+    assert back.message.endswith("which was tested on another dataset (digest bbbbbbbbbbbb) (forced)")
+    # Forced on the champion's own dataset, a worse run takes @champion too.
+    make_run(tiny_network, 0.4, variant="worse", experiment="other")
+    worse = registry.promote("other", model_name="m", force=True)
+    assert (worse.registered, worse.promoted, worse.version, worse.champion) == (True, True, "3", "3")
+    assert worse.message == ("m v3 (worse, test_accuracy 0.4000) is now @champion, replacing v1 (on_a, "
+                             "test_accuracy 0.9000): forced")
+
+
+def test_a_digest_prefix_must_name_exactly_one_dataset(tracking, tiny_network):
+    from tlkit import registry
+    from tlkit.registry import RegistryError
+
+    ab, ac = "ab" * 32, "ac" * 32
+    make_run(tiny_network, 0.6, digest=ab)
+    make_run(tiny_network, 0.7, digest=ac)
+    with pytest.raises(RegistryError) as error:
+        registry.promote(dataset_digest="a")
+    said, there = str(error.value).split("; digests there: ")
+    assert said == "more than one candidate run in experiment Default on dataset digest 'a'"
+    assert there in (f"{ab[:12]} (shapes, 1 runs), {ac[:12]} (shapes, 1 runs)",
+                     f"{ac[:12]} (shapes, 1 runs), {ab[:12]} (shapes, 1 runs)")
+    with pytest.raises(RegistryError, match=r"^no candidate run in experiment Default on dataset digest 'b'"):
+        registry.promote(dataset_digest="b")
+    with pytest.raises(RegistryError, match=r"were tested on 2 datasets, which cannot be compared: .*--dataset-digest"):
+        registry.promote()
+    assert versions("shapes-vgg16") == []
+    assert registry.promote(dataset_digest="ac").dataset_digest == ac
+
+
+def test_a_tie_goes_to_the_earlier_run_and_an_equal_score_does_not_beat_the_champion(tracking, tiny_network):
+    from tlkit import registry
+
+    earlier = make_run(tiny_network, 0.8, variant="earlier")
+    make_run(tiny_network, 0.8, variant="later")
+    first = registry.promote(model_name="m")
+    assert first.run_id == earlier and first.promoted
+    assert registry.promote(model_name="m").registered is False  # the same pick again: nothing new
+    make_run(tiny_network, 0.8, variant="equal", experiment="other")
+    equal = registry.promote("other", model_name="m")
+    assert (equal.registered, equal.promoted, equal.champion) == (True, False, "1")
+    # Runs made by hand carry no per-image predictions: weighed by test accuracy alone, as the message says.
+    assert "does not beat @champion v1 (earlier, test_accuracy 0.8000): the champion has no per-image test " \
+           "predictions, so the rule before them applies: gain +0.00 pts is no gain; champion kept" in equal.message
+
+
+def test_a_champion_registered_by_hand_is_compared_on_its_runs_score_and_digest(tracking, tiny_network):
+    """Without promote's version tags the champion's test_accuracy comes from its run; without a
+    dataset_digest tag it cannot be compared at all."""
+    from tlkit import registry
+
+    client = mlflow.MlflowClient()
+    by_hand = make_run(tiny_network, 0.75, variant="by_hand", experiment="hand")
+    version = mlflow.register_model(f"runs:/{by_hand}/model", "m")
+    client.set_registered_model_alias("m", "champion", version.version)
+    make_run(tiny_network, 0.7, variant="lower")
+    lower = registry.promote(model_name="m")
+    assert (lower.registered, lower.promoted, lower.champion) == (True, False, "1")
+    assert lower.message.endswith("@champion stays v1 (?, test_accuracy 0.7500): it was tested on another dataset "
+                                  "(digest unknown), so the two cannot be compared (--force replaces it)")
+
+    client.set_model_version_tag("m", "1", "dataset_digest", DIGEST_A)  # now comparable, on its run's score
+    again = registry.promote(model_name="m")
+    assert (again.registered, again.promoted) == (False, False)
+    assert again.message.endswith("does not beat @champion v1 (?, test_accuracy 0.7500): the champion has no "
+                                  "per-image test predictions, so the rule before them applies: gain -5.00 pts is "
+                                  "no gain; champion kept")
+    make_run(tiny_network, 0.8, variant="higher")
+    higher = registry.promote(model_name="m")
+    assert (higher.promoted, higher.champion) == (True, "3")
+
+
+def test_promote_and_compare_within_one_suite(tracking, tiny_network):
+    """Only the suite's children count: nested under it, or tagged with it (a tuner's best trial)."""
+    from tlkit import compare, registry
+
+    with mlflow.start_run(run_name="suite") as suite:
+        pass
+    nested = make_run(tiny_network, 0.6, variant="nested", tags={"mlflow.parentRunId": suite.info.run_id})
+    tagged = make_run(tiny_network, 0.7, variant="tagged", tags={"suite": suite.info.run_id})
+    make_run(tiny_network, 0.99, variant="outside")
+    rows = compare.compare(suite=suite.info.run_id)
+    assert [(r["variant"], r["run_id"]) for r in rows] == [("tagged", tagged), ("nested", nested)]
+    assert len(compare.compare()) == 3
+    promoted = registry.promote(suite=suite.info.run_id, model_name="m")
+    assert promoted.run_id == tagged and promoted.variant == "tagged"
+    with pytest.raises(registry.RegistryError, match=r"^nothing to promote in suite run nope: .*no variant run"):
+        registry.promote(suite="nope")
+
+
+def test_compare_ranks_runs_without_a_score_last_and_reads_stage_runs(tracking):
+    """A fine-tuned run's epochs are in its stage runs; a run that failed early has no score: '-' in
+    the table, empty in CSV, null in JSON."""
+    from tlkit import compare, registry
+
+    def run(variant, metrics=None, history=(), parent=None, status="FINISHED"):
+        tags = {"dataset_digest": DIGEST_A, "dataset": "shapes"}
+        tags.update({"variant": variant} if variant else {"stage": "head", "mlflow.parentRunId": parent})
+        with mlflow.start_run(run_name=variant or "stage", tags=tags) as r:
+            mlflow.log_metrics(metrics or {})
+            for step, value in enumerate(history):
+                mlflow.log_metric("val_accuracy", value, step=step)
+            mlflow.end_run(status)
+        return r.info.run_id
+
+    finetuned = run("finetune", {"test_accuracy": 0.5, "epochs_run": 4})
+    run(None, history=(0.3, 0.45), parent=finetuned)
+    run(None, history=(0.4,), parent=finetuned)
+    crashed = run("crashed", status="FAILED")
+    b = run("b", {"test_accuracy": 0.5}, history=(0.2,))
+    rows = compare.compare()
+    assert [r["variant"] for r in rows] == ["b", "finetune", "crashed"]  # ties by variant name; no score last
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["finetune"]["best_val_accuracy"] == pytest.approx(0.45)
+    assert by_variant["finetune"]["epochs_run"] == 4 and by_variant["b"]["best_val_accuracy"] == pytest.approx(0.2)
+    missing = by_variant["crashed"]
+    assert (missing["run_id"], missing["status"], missing["test_accuracy"], missing["best_val_accuracy"],
+            missing["epochs_run"]) == (crashed, "FAILED", None, None, None)
+    assert by_variant["b"]["run_id"] == b and by_variant["b"]["duration_s"] >= 0
+
+    table = compare.render(rows, "table").splitlines()
+    assert table[0].split() == list(compare.TABLE_HEADER)
+    assert table[3].split()[:10] == ["crashed", crashed, "FAILED", "-", "-", "-", "-", "-", "-", table[3].split()[9]]
+    assert table[1].split()[3] == "0.5000" and table[1].split()[7] == "0.2000"
+    assert table[1].split()[-1] == DIGEST_A[:12]
+    crashed_csv = list(csv.DictReader(io.StringIO(compare.render(rows, "csv"))))[2]
+    assert crashed_csv["test_accuracy"] == crashed_csv["epochs_run"] == "" and crashed_csv["status"] == "FAILED"
+    assert json.loads(compare.render(rows, "json"))[2]["test_accuracy"] is None
+    assert compare.render([], "table") == "  ".join(compare.TABLE_HEADER) + "\n"
+    with pytest.raises(registry.RegistryError, match=r"^format must be one of table, csv, json, got 'xml'$"):
+        compare.render(rows, "xml")
+
+
+@pytest.mark.parametrize("name, why", [
+    (" m", "starts or ends with whitespace"),
+    ("m\t", "starts or ends with whitespace"),
+    ("50%", "contains '%'"),
+    ("..hidden", "'.', '..' and names starting with '..' are refused"),
+    (".", "'.', '..' and names starting with '..' are refused"),
+])
+def test_check_model_name_refuses(name, why):
+    from tlkit import registry
+
+    with pytest.raises(registry.RegistryError) as error:
+        registry.check_model_name(name)
+    assert str(error.value).startswith(f"model name {name!r} ") and why in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["m", "cifar10-vgg16", "a.b_c-d", "m" * 256, "with space", "v1..2"])
+def test_check_model_name_accepts(name):
+    from tlkit import registry
+
+    assert registry.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("dataset, base, name", [
+    ("cifar10", "VGG16", "cifar10-vgg16"),
+    ("My Photos", "MobileNetV3Small", "my-photos-mobilenetv3small"),
+    ("shapes/v2", "ResNet50", "shapes-v2-resnet50"),
+    ("", "", "tlkit-model"),
+    ("!!", "??", "tlkit-model"),
+])
+def test_default_model_name(dataset, base, name):
+    from tlkit import registry
+
+    assert registry.default_model_name(dataset, base) == name
+    assert registry.check_model_name(name) == name
+
+
+@pytest.mark.e2e
 def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, image_folder, tmp_path, monkeypatch):
     from tlkit import data
 
@@ -382,8 +501,8 @@ def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, im
     monkeypatch.setattr(data, "load", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
     broken = tmp_path / "broken.toml"
     broken.write_text('description = "a block VGG16 does not have"\nunfreeze = "block9"\n')
-    result = CliRunner().invoke(main, ["suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
-                                       "--weights", "none", "--epochs", "1", "--batch-size", "8"])
+    result = invoke("suite", "--variants", f"{broken},baseline", "--data", str(image_folder),
+                    "--weights", "none", "--epochs", "1", "--batch-size", "8")
     assert result.exit_code == 1, result.output
     assert "1 of 2 variants failed" in result.output and "block9" in result.output
     assert len(loads) == 1  # the children read the same data: decoded once for both
@@ -400,6 +519,7 @@ def test_a_failing_variant_is_marked_and_the_suite_fails_at_the_end(tracking, im
     assert champion.run_id == children["baseline"].info.run_id
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_and_exit_2(tracking, tmp_path):
     for args, message in ((["suite", "--variants", "baseline,nope"], "unknown variant 'nope'"),
                           (["suite", "--variants", "baseline,baseline"], "lists a name twice"),
@@ -410,7 +530,7 @@ def test_bad_input_is_one_line_and_exit_2(tracking, tmp_path):
                            "x.png does not exist"),
                           (["download", "--model", "models:/nope@champion", "--dst", str(tmp_path / "d")],
                            "nope")):
-        result = CliRunner().invoke(main, args)
+        result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, (args, result.output)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

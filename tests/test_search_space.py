@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
 from tlkit import spec as specs, tune
-from tlkit.cli import main
+
+from conftest import invoke
 
 SPACE = '''
 [search.space]
@@ -55,7 +55,7 @@ def test_a_bad_search_table_is_one_line_and_exit_2(table, message, tmp_path, mon
     path = tmp_path / "bad.toml"
     path.write_text(table)
     for command in (["tune", str(path)], ["train", str(path)]):
-        result = CliRunner().invoke(main, [*command, "--weights", "none"])
+        result = invoke(*command, "--weights", "none")
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was opened
@@ -69,8 +69,8 @@ def test_a_suite_whose_children_would_be_tested_on_different_data_fails_before_t
 
     bigger = tmp_path / "bigger.toml"
     bigger.write_text("image_size = 40\n")
-    result = CliRunner().invoke(main, ["suite", "--variants", f"baseline,{bigger}", "--data", str(image_folder),
-                                       "--weights", "none"])
+    result = invoke("suite", "--variants", f"baseline,{bigger}", "--data", str(image_folder),
+                                       "--weights", "none")
     assert result.exit_code == 2, result.output
     assert "the variants would be tested on different data (baseline (" in result.output
     assert "pass --no-promote" in result.output

@@ -28,8 +28,8 @@ from PIL import Image, features
 from tlkit import registry, serving
 from tlkit.cli import main
 
-from conftest import CIFAR_ARCHIVE, CLASSES, VGG16_WEIGHTS, draw, image_rows, using_tracking
-from test_registry import clean_env, free_port, stop, wait_for
+from conftest import (CIFAR_ARCHIVE, CLASSES, VGG16_WEIGHTS, clean_env, draw, free_port, image_rows, stop,
+                      using_tracking, wait_for)
 
 SIZE = 32
 # Pillow's name -> file suffix; WebP only where this Pillow was built with it.

@@ -13,19 +13,11 @@ import h5py
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import data, models, spec as specs
-from tlkit.cli import main
 from tlkit.train import long_lived_objects_frozen, train
 
-from conftest import REPO, image_rows
-
-FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from conftest import FAST_ARGS, REPO, cli, image_rows, invoke
 
 
 def only_run(experiment: str = "Default"):
@@ -42,9 +34,10 @@ def pyfunc_accuracy(model_uri: str, dataset) -> tuple[float, list[str]]:
     return float(np.mean([p == t for p, t in zip(labels, truth)])), labels
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", specs.variant_names())
 def test_every_variant_through_the_cli(variant, image_folder, tracking):
-    result = cli("train", variant, "--data", str(image_folder), *FAST)
+    result = cli("train", variant, "--data", str(image_folder), *FAST_ARGS)
     assert result.exit_code == 0, result.output
     run = only_run()
     assert run.info.status == "FINISHED"
@@ -102,6 +95,7 @@ def test_every_variant_through_the_cli(variant, image_folder, tracking):
         assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, tracking):
     spec = specs.load("conv_head", {"data": str(image_folder), "weights": "none", "epochs": 2})
     result = train("conv_head", spec)
@@ -129,8 +123,9 @@ def test_logged_model_predicts_what_the_trained_network_predicts(image_folder, t
     assert list(one_call["label"]) == list(batched["label"][:5])
 
 
+@pytest.mark.e2e
 def test_finetune_for_0_epochs_is_the_head_alone(image_folder, tracking):
-    result = cli("train", "finetune", "--data", str(image_folder), *FAST, "--finetune-epochs", "0")
+    result = cli("train", "finetune", "--data", str(image_folder), *FAST_ARGS, "--finetune-epochs", "0")
     assert result.exit_code == 0, result.output
     run = only_run()
     stages = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list")
@@ -152,6 +147,7 @@ def test_long_lived_objects_are_frozen_once_and_thawed_after():
     assert gc.get_freeze_count() == 0
 
 
+@pytest.mark.e2e
 def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):
     import keras
 
@@ -171,9 +167,10 @@ def test_a_weights_file_is_really_loaded(image_folder, tracking, tmp_path):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.e2e
 def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
     for _ in range(2):
-        assert cli("train", "baseline", "--data", str(image_folder), *FAST).exit_code == 0
+        assert cli("train", "baseline", "--data", str(image_folder), *FAST_ARGS).exit_code == 0
     runs = mlflow.search_runs(experiment_names=["Default"], order_by=["attributes.start_time ASC"],
                               output_format="list")
     assert [r.data.tags["feature_cache"] for r in runs] == ["miss", "hit"]
@@ -181,12 +178,14 @@ def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
     assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]
 
 
+@pytest.mark.e2e
 def test_experiment_option(image_folder, tracking):
-    result = cli("train", "sgd", "--data", str(image_folder), *FAST, "--experiment", "mine")
+    result = cli("train", "sgd", "--data", str(image_folder), *FAST_ARGS, "--experiment", "mine")
     assert result.exit_code == 0, result.output
     assert only_run("mine").data.params["optimizer"] == "sgd"
 
 
+@pytest.mark.e2e
 def test_mlflow_run_baseline(image_folder, tracking, tmp_path):
     """The user's command: `mlflow run . -e baseline --env-manager local`."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "baseline", "--env-manager", "local",
@@ -217,6 +216,7 @@ def test_help_is_fast_and_states_defaults():
     assert "baseline: 1995" in out and "baseline: 'VGG16'" in out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["train", "nope"], "unknown variant 'nope'"),
     (["train", "baseline", "--epochs", "0"], "epochs must be a positive integer"),
@@ -228,13 +228,14 @@ def test_help_is_fast_and_states_defaults():
     (["train", "baseline", "--data", "/no/such/folder", "--weights", "none"], "/no/such/folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tracking):
-    result = CliRunner().invoke(main, args)
+    result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.e2e
 def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, tracking, tmp_path):
     """finetune caches below block5 and stores the base's output too; baseline then derives nothing
     and runs no base: its features equal those of a pass of the whole base."""
@@ -243,7 +244,7 @@ def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, t
 
     shared = str(tmp_path / "shared")
     for variant in ("finetune", "baseline"):
-        result = cli("train", variant, "--data", str(image_folder), *FAST, "--cache-dir", shared)
+        result = cli("train", variant, "--data", str(image_folder), *FAST_ARGS, "--cache-dir", shared)
         assert result.exit_code == 0, result.output
     runs = {r.data.tags["variant"]: r for r in mlflow.search_runs(
         experiment_names=["Default"], filter_string="tags.variant != ''", output_format="list")}
@@ -269,11 +270,12 @@ def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, t
     np.testing.assert_allclose(np.array(fresh.test), direct, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, tracking, tmp_path):
     """finetune with flips: the mirror images of the training split get entries of their own (train
     alone), at block4_pool and, derived, at the base's output; a frozen variant after it reuses them
     (no new pass); the stored features are the extractor's on the mirrored images."""
-    result = cli("train", "finetune", "--data", str(image_folder), *FAST, "--flip", "--finetune-epochs", "1")
+    result = cli("train", "finetune", "--data", str(image_folder), *FAST_ARGS, "--flip", "--finetune-epochs", "1")
     assert result.exit_code == 0, result.output
     metas = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")}
     mirrored = {m["fields"]["boundary"]: key for key, m in metas.items() if m["fields"].get("transform") == "hflip"}
@@ -281,7 +283,7 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
     assert all(set(metas[key]["sha256"]) == {"train"} for key in mirrored.values())
     assert len(metas) == 4  # and the three-split entries at both boundaries
 
-    result = cli("train", "augment", "--data", str(image_folder), *FAST)  # augment: flips from the cache
+    result = cli("train", "augment", "--data", str(image_folder), *FAST_ARGS)  # augment: flips from the cache
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 4  # nothing new computed
     run = mlflow.search_runs(filter_string="tags.variant = 'augment'", output_format="list")[0]
@@ -300,5 +302,5 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
 @pytest.mark.parametrize("extra, message", [(["--flip", "--augment"], "flip comes from the feature cache"),
                                             (["--flip", "--trainable-base"], "use --no-flip")])
 def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_folder, tracking):
-    result = CliRunner().invoke(main, ["train", "baseline", "--data", str(image_folder), *FAST, *extra])
+    result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, *extra)
     assert result.exit_code == 2 and message in result.output

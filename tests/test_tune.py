@@ -5,29 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tlkit import data, spec as specs, tune
 from tlkit.cli import main
 
-from conftest import image_rows
-
-FAST = ["--weights", "none", "--epochs", "2", "--batch-size", "8"]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from conftest import FAST_ARGS, cli, free_port, image_rows, invoke, stop, wait_for
 
 
 def runs(stage: str, experiment: str = "Default"):
@@ -73,9 +63,10 @@ def check_parent(parent, trial_runs, dataset) -> None:
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
     search = str(tmp_path / "search")
-    args = ["tune", "--data", str(image_folder), *FAST, "--max-trials", "3", "--search-dir", search]
+    args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "3", "--search-dir", search]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     [parent] = runs("search")
@@ -99,17 +90,18 @@ def test_search_in_one_process_then_resume(image_folder, tracking, tmp_path):
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
     # Another search in the same folder is refused before any run is made.
-    other = CliRunner().invoke(main, [*args, "--seed", "7"])
+    other = invoke(*args, "--seed", "7")
     assert other.exit_code == 2, other.output
     assert "holds another search (differs in spec.seed)" in other.output
     assert all_run_ids() == every
 
 
+@pytest.mark.e2e
 def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, tmp_path):
     # The trials train the conv through its centre tap (fastpath.training_view) and save that form;
     # the parent puts the best one back into the 3x3 conv of the logged network. With cached flips:
     # the trials draw from the mirrored training images' features too.
-    result = cli("tune", "--data", str(image_folder), *FAST, "--head", "conv", "--conv-filters", "8",
+    result = cli("tune", "--data", str(image_folder), *FAST_ARGS, "--head", "conv", "--conv-filters", "8",
                  "--max-trials", "2", "--search-dir", str(tmp_path / "search"), "--flip")
     assert result.exit_code == 0, result.output
     metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
@@ -123,31 +115,21 @@ def test_a_conv_head_search_logs_the_network_it_scored(image_folder, tracking, t
 @pytest.fixture
 def tracking_server(tracking, tmp_path, monkeypatch):
     """A real `mlflow server` on a free port of 127.0.0.1, proxying artifacts: what many machines share."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                   "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.3)
+        wait_for(f"{uri}/health", server, 90, log)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
-        server.wait(timeout=30)
-        log.close()
+        stop(server)  # the server and the workers it started, nothing else
 
 
 def all_run_ids() -> set[str]:
@@ -161,9 +143,10 @@ def worker_summaries(search: Path) -> list[str]:
     return lines
 
 
+@pytest.mark.e2e
 def test_workers_share_one_oracle_and_one_parent(image_folder, tracking_server, tmp_path):
     search = tmp_path / "search"
-    args = ["tune", "--data", str(image_folder), *FAST, "--max-trials", "4", "--workers", "2",
+    args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "4", "--workers", "2",
             "--search-dir", str(search)]
     result = cli(*args)
     assert result.exit_code == 0, result.output
@@ -188,8 +171,9 @@ def test_workers_share_one_oracle_and_one_parent(image_folder, tracking_server, 
     assert all_run_ids() == every
 
 
+@pytest.mark.e2e
 def test_a_killed_search_resumes_where_it_stopped(image_folder, tracking, tmp_path):
-    args = ["tune", "--data", str(image_folder), *FAST, "--max-trials", "4", "--search-dir", str(tmp_path / "s")]
+    args = ["tune", "--data", str(image_folder), *FAST_ARGS, "--max-trials", "4", "--search-dir", str(tmp_path / "s")]
     with open(tmp_path / "first.log", "wb") as out:
         first = subprocess.Popen([sys.executable, "-m", "tlkit.cli", *args], stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -223,6 +207,7 @@ def synthetic_features(n: int = 24, classes: int = 3, seed: int = 0):
     return x, y
 
 
+@pytest.mark.e2e
 def test_a_failing_trial_is_marked_failed_and_the_search_goes_on(tracking, tmp_path):
     from tlkit import tracking as tracking_module
 
@@ -249,6 +234,7 @@ def test_a_failing_trial_is_marked_failed_and_the_search_goes_on(tracking, tmp_p
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_bayesian_with_two_executions_nested_under_a_callers_run(image_folder, tracking, tmp_path):
     """What `suite` does: tune(spec, nested=True) inside its own run."""
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8})
@@ -273,6 +259,7 @@ def test_bayesian_with_two_executions_nested_under_a_callers_run(image_folder, t
         assert "score" in r.data.metrics
 
 
+@pytest.mark.e2e
 def test_hyperband_continues_a_trial_with_weights_from_mlflow(image_folder, tracking, tmp_path):
     # epochs 3, factor 3: a bracket of 3 one-epoch trials, then the best one continued to 3 epochs.
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 3, "batch_size": 8})
@@ -314,13 +301,14 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, tmp_path
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(tune.PARENT_ENV, raising=False)
-    result = CliRunner().invoke(main, ["tune", "--weights", "none", *args])
+    result = invoke("tune", "--weights", "none", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was even opened
 
 
+@pytest.mark.e2e
 def test_a_worker_with_other_settings_than_its_chief_is_refused(image_folder, tracking, monkeypatch):
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2})
     chief = tune.identity(spec, data.load(str(image_folder), seed=1995).digest,
@@ -330,8 +318,7 @@ def test_a_worker_with_other_settings_than_its_chief_is_refused(image_folder, tr
     for name, value in {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": "1",
                         "KERASTUNER_TUNER_ID": "tuner3", tune.PARENT_ENV: parent.info.run_id}.items():
         monkeypatch.setenv(name, value)
-    result = CliRunner().invoke(main, ["tune", "--data", str(image_folder), "--weights", "none", "--epochs", "3",
-                                       "--max-trials", "4"])
+    result = invoke("tune", "--data", str(image_folder), "--weights", "none", "--epochs", "3", "--max-trials", "4")
     assert result.exit_code == 2, result.output
     assert "this worker's search differs from the chief's in spec.epochs" in result.output
 

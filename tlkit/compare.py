@@ -20,6 +20,9 @@ FORMATS = ("table", "csv", "json")
 # interval and the comparison with the best run in three cells of their own.
 COLUMNS = ("variant", "run_id", "status", "test_accuracy", "test_accuracy_low", "test_accuracy_high",
            "diff_vs_best", "p_vs_best", "best_val_accuracy", "epochs_run", "duration_s", "dataset", "dataset_digest")
+# The table's header: the interval in one cell, the difference from the best in points.
+TABLE_HEADER = ("variant", "run_id", "status", "test_accuracy", "95%_interval", "vs_best_pts", "p_mcnemar",
+                "best_val_accuracy", "epochs_run", "duration_s", "dataset", "dataset_digest")
 
 
 # --- which runs -------------------------------------------------------------------------------
@@ -179,14 +182,11 @@ def render(rows: list[dict], fmt: str) -> str:
         return "-" if low is None else f"{low:.4f}-{high:.4f}"
 
     shown = [c for c in COLUMNS if c not in ("test_accuracy_low", "test_accuracy_high")]
-    header = [{"test_accuracy": "test_accuracy", "diff_vs_best": "vs_best_pts", "p_vs_best": "p_mcnemar"}.get(c, c)
-              for c in shown]
     at = shown.index("test_accuracy") + 1
-    header.insert(at, "95%_interval")
-    cells = [header]
+    cells = [list(TABLE_HEADER)]
     for row in rows:
         line = [cell(k, row[k]) for k in shown]
         line.insert(at, ci(row))
         cells.append(line)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_HEADER))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n" for line in cells)

@@ -106,12 +106,22 @@ def network_pixels(image: np.ndarray, size: int, index: int = 0) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise MlflowException.invalid_parameter_value(
             f"image at index {index}: expected pixels shaped (H, W, C) with C in 1, 3, 4; got {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise MlflowException.invalid_parameter_value(f"image at index {index} has no pixels: shape {image.shape}")
+    # 8-bit pixel values, as the network was trained on: refused, not clipped, so that a 16-bit
+    # array or a 0..1 float image's neighbour (NaN, negative values) never becomes a made-up answer.
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise MlflowException.invalid_parameter_value(f"image at index {index} holds NaN or infinite values")
+    low, high = image.min(), image.max()
+    if low < 0 or high > 255:
+        raise MlflowException.invalid_parameter_value(
+            f"image at index {index}: pixel values must lie in 0..255 (8-bit), got {low}..{high}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     elif image.shape[-1] == 4:
         image = image[..., :3]
     if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+        image = np.asarray(Image.fromarray(image.astype(np.uint8))
                            .resize((size, size), Image.BILINEAR))
     return image.astype(np.float32)
 
