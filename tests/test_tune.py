@@ -297,7 +297,7 @@ def test_hyperband_continues_a_trial_with_weights_from_mlflow(image_folder, trac
     ([], {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": "1", "KERASTUNER_TUNER_ID": "tuner0"},
      "a worker needs TLKIT_PARENT_RUN_ID"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, empty_store, tmp_path, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv(tune.PARENT_ENV, raising=False)
@@ -305,7 +305,7 @@ def test_bad_input_is_one_line_and_exit_2(args, env, message, tracking, tmp_path
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
-    assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was even opened
+    assert (tmp_path / "mlflow.db").read_bytes() == empty_store.read_bytes()  # refused: nothing written
 
 
 @pytest.mark.e2e
