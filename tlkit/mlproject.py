@@ -74,7 +74,8 @@ TOOL_ENTRY_POINTS["recipe"] = _recipe_entry_point()
 
 
 def _suite_entry_point() -> tuple[str, dict, str]:
-    params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "model_name": ""}
+    params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "model_name": "",
+              "min_gain": 0.0, "significance": 0.05}  # the promotion gate (registry.promote)
     options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return ("the main job: every variant (or a comma-separated subset) as a child run, compared, "
             "the best promoted to @champion", params, f"python -m tlkit.cli suite {options}")
