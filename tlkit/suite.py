@@ -138,7 +138,7 @@ def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None
 
 def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     """Bar chart of test accuracy per finished variant, best first, with its 95% interval and each
-    run's McNemar p against the best, then the failed ones."""
+    run's difference from the best (points) and McNemar p against it, then the failed ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +150,8 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
              for r in finished] + [0.0] * len(failed)
     above = [r["test_accuracy_high"] - r["test_accuracy"] if r["test_accuracy_high"] is not None else 0.0
              for r in finished] + [0.0] * len(failed)
-    labels = [f"{r['test_accuracy']:.3f}" + (f"\np={r['p_vs_best']:.2g}" if r["p_vs_best"] is not None else "")
+    labels = [f"{r['test_accuracy']:.3f}" + (f"\n{100 * r['diff_vs_best']:+.2f} pts\np={r['p_vs_best']:.2g}"
+                                             if r["p_vs_best"] is not None else "")
               for r in finished] + ["FAILED"] * len(failed)
     colors = ["tab:green" if i == 0 else "tab:blue" for i in range(len(finished))] + ["tab:gray"] * len(failed)
     fig, ax = plt.subplots(figsize=(1.1 * max(len(names), 3) + 2, 4.5))
