@@ -71,6 +71,8 @@ def key_fields(spec: dict, dataset_digest: str, boundary: str) -> dict:
         "split_seed": spec["seed"],
         "limit": spec["limit"],
         "test_limit": spec["test_limit"],
+        # 16-bit compute gives other features; float32 entries keep the keys they always had.
+        **({"precision": spec["precision"]} if spec.get("precision", "float32") != "float32" else {}),
     }
 
 
@@ -178,6 +180,10 @@ class FeatureCache:
 
     def write(self, key: str, fields: dict, arrays: dict[str, np.ndarray]) -> None:
         """Write into a temporary folder, then rename it into place (atomic on one filesystem)."""
+        # bfloat16 features (precision mixed_bfloat16): .npy has no such type (it would store raw
+        # 2-byte voids), and float32 holds every bfloat16 value exactly.
+        arrays = {split: a.astype(np.float32) if np.dtype(a.dtype).name == "bfloat16" else a
+                  for split, a in arrays.items()}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.sweep_dead_writers()

@@ -13,6 +13,7 @@ takes raw pixels and a user never has to reproduce it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,9 @@ def _dense_head(x, spec, num_classes):
     x = layers.Dense(spec["units"], activation="relu", kernel_regularizer=regularizer, name="head_dense")(x)
     if spec["dropout"] > 0:
         x = layers.Dropout(spec["dropout"], name="head_dropout")(x)
-    return layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    # float32 under any precision policy: a softmax in 16 bits rounds small probabilities to 0 (and
+    # the loss of a confident mistake to inf). Under float32 this is the default anyway.
+    return layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32")(x)
 
 
 def _conv_head(x, spec, num_classes):
@@ -76,6 +79,21 @@ def head_model(spec: dict, feature_shape: tuple, num_classes: int):
 
     features = keras.Input(shape=tuple(feature_shape), name="features")
     return keras.Model(features, HEADS[spec["head"]](features, spec, num_classes), name="head")
+
+
+@contextlib.contextmanager
+def precision(spec: dict):
+    """Layers built inside compute in the spec's precision (Keras's global dtype policy: float32,
+    mixed_float16 or mixed_bfloat16); the policy before is restored after, so a suite's next child
+    or a caller is not changed. Layers keep the policy they were built with."""
+    import keras
+
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(spec.get("precision", "float32"))
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(before)
 
 
 def load_base(name: str, weights: str, image_size: int, seed: int | None = None):
@@ -204,6 +222,8 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
     pixels = keras.Input(shape=(size, size, 3), name="pixels")
     x = preprocessing_layer(spec["base"], spec["preprocess"])(pixels)
     extractor = keras.Model(pixels, lower(x, training=False), name="extractor")
+    if spec.get("jit"):
+        extractor.jit_compile = True  # the feature pass (its predict) under XLA
     if spec["augment"]:
         for layer in augmentation_layers():
             x = layer(x)

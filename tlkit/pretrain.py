@@ -68,6 +68,13 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     The file is written beside its final name and renamed into place: a reader never sees half a file.
     Nothing comes from the feature cache: the base changes every step.
     """
+    from tlkit import models
+
+    with models.precision(spec):  # the base and top built in the spec's precision
+        return _pretrain(spec, output, experiment, nested)
+
+
+def _pretrain(spec: dict, output, experiment: str | None, nested: bool) -> tuple[str, Path]:
     import keras
     import mlflow
 

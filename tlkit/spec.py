@@ -35,6 +35,9 @@ FIELDS: dict[str, tuple[object, str]] = {
                        "network every epoch)"),
     "flip": (False, "random horizontal flips from the feature cache: the training images' mirror images get one "
                     "pass of the base, and every epoch each image is drawn as itself or mirrored (p 1/2)"),
+    "precision": ("float32", "'float32', or 'mixed_float16' / 'mixed_bfloat16': layers compute in 16 bits, variables "
+                             "and the softmax stay float32 (for GPUs; bfloat16 also runs on CPUs)"),
+    "jit": (False, "compile training steps and the feature pass with XLA (jit_compile)"),
     "trainable_base": (False, "train the whole base from the first epoch, BatchNorm included (from scratch with "
                               "weights 'none'; runs the whole network every epoch)"),
     # optimisation
@@ -52,6 +55,9 @@ FIELDS: dict[str, tuple[object, str]] = {
 }
 
 DEFAULTS = {name: default for name, (default, _) in FIELDS.items()}
+
+# Keras's dtype policies that `precision` names: float32, or 16-bit compute with float32 variables.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class SpecError(ValueError):
@@ -175,3 +181,5 @@ def validate(spec: dict) -> None:
     need(not (models.BASES[spec["base"]].scales_pixels_itself and spec["preprocess"] == "unit"),
          f"{spec['base']} scales raw pixels itself (keras.applications builds it in): use preprocess 'base'")
     need(spec["data"] != "", "data must name 'cifar10', an image folder or an .npz file")
+    need(spec["precision"] in PRECISIONS,
+         f"precision must be one of {', '.join(PRECISIONS)}, got {spec['precision']!r}")

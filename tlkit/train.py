@@ -215,6 +215,17 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
           nested: bool = False, dataset=None, cache_below_top: bool = False) -> Result:
+    """Run one variant with a validated spec and log everything to MLflow, its layers built in the
+    spec's precision (models.precision). See _train."""
+    from tlkit import models
+
+    with models.precision(spec):
+        return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
+                      cache_below_top=cache_below_top)
+
+
+def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str | None, nested: bool, dataset,
+           cache_below_top: bool) -> Result:
     """Run one variant with a validated spec and log everything to MLflow.
 
     dataset: load_dataset(spec) done already (a suite loads once for all its children).

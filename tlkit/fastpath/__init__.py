@@ -78,8 +78,10 @@ def compiled(model, spec: dict, learning_rate: float, *, on_features: bool):
     plain = plain_keras()
     view = training_view(model)
     steps = HEAD_STEPS_PER_EXECUTION if on_features and not plain else 1
+    # jit: XLA for the training steps; off, Keras's own choice ("auto": XLA on a GPU, none on a CPU).
     view.compile(optimizer=optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
-                 loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps)
+                 loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps,
+                 jit_compile=True if spec.get("jit") else "auto")
     if not plain:
         _build_training_state(view)
     return view

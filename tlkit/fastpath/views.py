@@ -60,7 +60,8 @@ def centre_tap(conv):
 
     class CentreTap(keras.layers.Layer):
         def __init__(self):
-            super().__init__(name=f"{conv.name}_centre_tap", trainable=conv.trainable)
+            # The conv's dtype policy: under mixed precision the view computes in 16 bits as the conv did.
+            super().__init__(name=f"{conv.name}_centre_tap", trainable=conv.trainable, dtype=conv.dtype_policy)
             # `conv` is reached through the closure, not an attribute: Keras would track it,
             # and its 2.4M-parameter kernel would be back among the trained weights.
             rows, cols = conv.kernel_size
@@ -97,7 +98,7 @@ def im2col_conv(conv):
 
     class Im2colConv2D(keras.layers.Layer):
         def __init__(self):
-            super().__init__(name=f"{conv.name}_im2col", trainable=conv.trainable)
+            super().__init__(name=f"{conv.name}_im2col", trainable=conv.trainable, dtype=conv.dtype_policy)
             self.conv = conv  # tracked: the conv's kernel and bias are this layer's weights
 
         def call(self, x):

@@ -61,7 +61,16 @@ def run_trials(tuner, fit_kwargs: dict) -> None:
         tuner.search(**fit_kwargs)
 
 
-def tune(spec: dict, search: Search | None = None, *, variant: str = "tune", workers: int = 0,
+def tune(spec: dict, search: Search | None = None, **options) -> Result:
+    """Search the head over a validated spec, its layers in the spec's precision (models.precision);
+    log the best network on the parent run. The options are _tune's."""
+    from tlkit import models
+
+    with models.precision(spec):
+        return _tune(spec, search, **options)
+
+
+def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", workers: int = 0,
          search_dir: str | None = None, experiment: str | None = None, cache_dir: str | None = None,
          nested: bool = False, dataset=None, **settings) -> Result:
     """Search the head over a validated spec; log the best network on the parent run.
@@ -192,8 +201,16 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
                   model_uri=f"runs:/{parent}/model", test_predictions=outcome.probabilities.argmax(axis=1))
 
 
-def work(spec: dict, search: Search | None = None, *, variant: str = "tune", search_dir: str | None = None,
-         cache_dir: str | None = None, **settings) -> tuple[str, int]:
+def work(spec: dict, search: Search | None = None, **options) -> tuple[str, int]:
+    """A worker's trials (_work), its layers in the spec's precision."""
+    from tlkit import models
+
+    with models.precision(spec):
+        return _work(spec, search, **options)
+
+
+def _work(spec: dict, search: Search | None = None, *, variant: str = "tune", search_dir: str | None = None,
+          cache_dir: str | None = None, **settings) -> tuple[str, int]:
     """Run trials for the chief named by keras-tuner's variables until its oracle says stop.
 
     Returns (parent run id, trials run here). The settings must be the chief's: they are checked
