@@ -204,7 +204,7 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 
 
 
-# --- tune: keras-tuner search, one nested run per trial (tlkit/tune.py) --------------------------
+# --- tune: keras-tuner search, one nested run per trial (tlkit/tune/) --------------------------
 
 @main.command("tune")
 @click.argument("variant", default="tune")

@@ -10,7 +10,7 @@ it (README, "Speed").
 
 The classes are Keras's own with `update_step` replaced: same constructor, same `get_config` (so
 MLflow's autologged `opt_*` parameters read as Keras's), same slot variables. Results agree with
-Keras's to float rounding (tests/test_optimizers.py). Anything the fused kernels do not cover
+Keras's to float rounding (tests/test_fastpath.py). Anything the fused kernels do not cover
 (another backend, sparse gradients, amsgrad, Nesterov, float16/bfloat16 variables) takes Keras's
 own update.
 """
