@@ -125,7 +125,7 @@ def compare(experiment: str | None = None, suite: str | None = None) -> list[dic
     difference from the best (a fraction, negative) and McNemar's exact p-value on the pairs."""
     import mlflow
 
-    from tlkit import stats, tracking
+    from tlkit import tracking
 
     client = mlflow.MlflowClient()
     rows = sorted((_row(client, run) for run in variant_runs(experiment, suite)), key=_rank)
@@ -134,16 +134,12 @@ def compare(experiment: str | None = None, suite: str | None = None) -> list[dic
     for row in rows:
         got = predictions.get(row["run_id"])
         if got is not None:
-            row["test_accuracy_low"], row["test_accuracy_high"] = stats.wilson_interval(
-                int((got.truth == got.predicted).sum()), len(got.truth))
+            row["test_accuracy_low"], row["test_accuracy_high"] = got.interval()
     best = next((r for r in rows if predictions.get(r["run_id"]) is not None), None)
-    if best is not None:
-        reference = predictions[best["run_id"]]
-        for row in rows:
-            got = predictions.get(row["run_id"])
-            if got is None or got.dataset_digest != reference.dataset_digest or len(got.truth) != len(reference.truth):
-                continue
-            paired = stats.pair(reference.truth, reference.predicted, got.predicted)
+    for row in rows if best is not None else []:
+        got = predictions.get(row["run_id"])
+        paired = predictions[best["run_id"]].paired_with(got) if got is not None else None
+        if paired is not None:
             row["diff_vs_best"] = paired.gain
             row["p_vs_best"] = None if row is best else paired.p_value
     return rows

@@ -112,7 +112,7 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
     datasets: dict[tuple, object] = {}
 
     def dataset_for(spec: dict):
-        key = tuple(str(spec[k]) for k in train.DATA_FIELDS)
+        key = train.data_key(spec)
         if key not in datasets:
             datasets.clear()  # one decoded data set at a time: a 64 px CIFAR-10 is 740 MB
             datasets[key] = train.load_dataset(spec)
@@ -163,8 +163,8 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
                     if not attempt.error:
                         contenders.append(attempt)
                 # The incumbent competes where it ran on the same images as this stage's candidates.
-                if incumbent is not None and incumbent not in contenders and contenders and all(
-                        str(incumbent.spec[k]) == str(contenders[0].spec[k]) for k in train.DATA_FIELDS):
+                if incumbent is not None and incumbent not in contenders and contenders and \
+                        train.data_key(incumbent.spec) == train.data_key(contenders[0].spec):
                     contenders.insert(0, incumbent)
                 if not contenders:
                     raise RecipeError(f"every candidate of stage {stage!r} failed: "

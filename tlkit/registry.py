@@ -15,6 +15,7 @@ Every function talks to the tracking server named by MLflow's own rules (MLFLOW_
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -204,6 +205,12 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         champion = None
     said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
     report = None
+    from tlkit import tracking
+
+    # The best run's per-image predictions: downloaded once, and only if the description or the
+    # decision needs them.
+    candidate_predictions = functools.cache(lambda: tracking.load_predictions(best.info.run_id))
+
     if champion is not None and str(champion.version) == str(version.version):
         move, message = False, f"{said} is already @{CHAMPION}"
     elif champion is None:
@@ -221,14 +228,16 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
                        f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
                        "compared (--force replaces it)")
         else:
-            report = promotion_report(best.info.run_id, champion, accuracy, held, min_gain, significance)
+            report = promotion_report(candidate_predictions(), champion, best.info.run_id, accuracy, held,
+                                      min_gain, significance)
             move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
             message = (f"{said} is now @{CHAMPION}, replacing {was}: {verdict}" if move else
                        f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
             report.update(promoted=move, candidate_version=str(version.version), message=message)
-            _record(client, name, version, best, report)
+            _record(client, name, version, best, report, candidate_predictions())
     if registered and report is None:  # what it beat, in its description: nothing it was weighed against
-        client.update_model_version(name, version.version, description=_description(best, accuracy, digest) + (
+        client.update_model_version(name, version.version, description=_description(
+            best, accuracy, digest, candidate_predictions()) + (
             f" It became @{CHAMPION}: there was none." if champion is None else f" {message}."))
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
@@ -239,41 +248,39 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
                      message=message, report=report)
 
 
-def _description(run, accuracy: float, digest: str) -> str:
-    """The version's one paragraph: what it is, on what data, how good, from where."""
-    from tlkit import tracking
-
+def _description(run, accuracy: float, digest: str, predictions) -> str:
+    """The version's one paragraph: what it is, on what data, how good (with the interval, when the
+    run logged its per-image predictions), from where."""
     tags = run.data.tags
-    predictions = tracking.load_predictions(run.info.run_id)
     interval = ""
     if predictions is not None:
-        from tlkit import stats
-
-        low, high = stats.wilson_interval(int((predictions.truth == predictions.predicted).sum()), len(predictions.truth))
+        low, high = predictions.interval()
         interval = f" (95% interval {100 * low:.2f}-{100 * high:.2f}%, {len(predictions.truth):,} test images)"
     return (f"{tags.get('variant', '?')} variant, {tags.get('base', '?')} base, trained on {tags.get('dataset', '?')} "
             f"(dataset digest {digest}): test accuracy {100 * accuracy:.2f}%{interval}. From run {run.info.run_id}.")
 
 
-def promotion_report(candidate_run: str, champion, accuracy: float, held: float, min_gain: float,
+def promotion_report(mine, champion, candidate_run: str, accuracy: float, held: float, min_gain: float,
                      significance: float) -> dict:
-    """The candidate weighed against the champion on the same test images: the gain with its 95%
-    interval, McNemar's exact p on the paired outcomes, per-class accuracy changes, and the verdict."""
+    """The candidate (its per-image predictions `mine`, or None) weighed against the champion on the
+    same test images: the gain with its 95% interval, McNemar's exact p on the paired outcomes,
+    per-class accuracy changes, and the verdict."""
     from tlkit import stats, tracking
 
     rule = {"min_gain_points": float(min_gain), "significance": float(significance), "champion_version": str(champion.version),
             "champion_run_id": champion.run_id or "", "candidate_run_id": candidate_run}
-    mine, theirs = tracking.load_predictions(candidate_run), tracking.load_predictions(champion.run_id or "")
-    if mine is None or theirs is None or len(mine.truth) != len(theirs.truth) or \
-            not (mine.truth == theirs.truth).all():
-        missing = "the champion" if theirs is None else "the candidate" if mine is None else "neither run's pairs"
+    theirs = tracking.load_predictions(champion.run_id or "")
+    paired = theirs.paired_with(mine) if theirs is not None and mine is not None else None
+    if paired is None:
+        why = ("the champion has no per-image test predictions" if theirs is None else
+               "the candidate has no per-image test predictions" if mine is None else
+               "the two runs' prediction files are not of the same test images")
         gain = 100 * (accuracy - held)
         promoted = bool(accuracy > held)
         return {**rule, "test": "none: higher test accuracy wins (the rule before per-image predictions)",
                 "gain_points": gain, "promoted": promoted,
-                "reason": f"{missing} has no per-image test predictions, so the rule before them applies: "
-                          f"gain {gain:+.2f} pts{'' if promoted else ' is no gain'}"}
-    paired = stats.pair(theirs.truth, theirs.predicted, mine.predicted)
+                "reason": f"{why}, so the rule before them applies: gain {gain:+.2f} pts"
+                          f"{'' if promoted else ' is no gain'}"}
     low, high = paired.gain_interval()
     names = mine.class_names
     before = stats.per_class_accuracy(theirs.truth, theirs.predicted, len(names))
@@ -295,7 +302,7 @@ def promotion_report(candidate_run: str, champion, accuracy: float, held: float,
                           for n, b, a in zip(names, before, after)]}
 
 
-def _record(client, name: str, version, run, report: dict) -> None:
+def _record(client, name: str, version, run, report: dict, predictions) -> None:
     """The decision on the version (tags, description) and as a report on the candidate's run."""
     import mlflow
 
@@ -310,7 +317,8 @@ def _record(client, name: str, version, run, report: dict) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     verdict = ("It beat" if report["promoted"] else "It did not beat") + f" @{CHAMPION} v{report['champion_version']}: "
-    description = _description(run, float(run.data.metrics["test_accuracy"]), run.data.tags["dataset_digest"])
+    description = _description(run, float(run.data.metrics["test_accuracy"]), run.data.tags["dataset_digest"],
+                               predictions)
     client.update_model_version(name, version.version, description=f"{description} {verdict}{report['reason']}.")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

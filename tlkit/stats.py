@@ -95,8 +95,24 @@ class Predictions:
     dataset_digest: str
 
     @property
+    def correct(self) -> int:
+        return int(np.sum(self.truth == self.predicted))
+
+    @property
     def accuracy(self) -> float:
-        return float(np.mean(self.truth == self.predicted))
+        return self.correct / len(self.truth)
+
+    def interval(self) -> tuple[float, float]:
+        """Wilson's 95% interval of this run's test accuracy."""
+        return wilson_interval(self.correct, len(self.truth))
+
+    def paired_with(self, other: "Predictions") -> Paired | None:
+        """This run (a) against `other` (b) image by image; None unless both were scored on the very
+        same test images (one digest, the same true classes in the same order)."""
+        if (self.dataset_digest != other.dataset_digest or self.truth.shape != other.truth.shape
+                or not np.array_equal(self.truth, other.truth)):
+            return None
+        return pair(self.truth, self.predicted, other.predicted)
 
 
 def predictions_bytes(truth, probabilities: np.ndarray, class_names, dataset_digest: str) -> bytes:

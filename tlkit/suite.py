@@ -85,30 +85,28 @@ def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
     return tune.tune(spec, variant=variant, cache_dir=cache_dir, nested=True, dataset=dataset)
 
 
-def _data_key(spec: dict) -> tuple:
-    from tlkit import train
-
-    return tuple(str(spec[k]) for k in train.DATA_FIELDS)
-
-
 def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> dict[str, object]:
     """Each child's data, loaded once per distinct data spec (usually one for all): decoding full
     CIFAR-10 takes 8 s, and every child then sees the same snapshot of an image folder.
 
     one_digest: the children will be compared and one promoted, which needs one test set: children
-    whose data differ in digest fail here, before any training, naming them (SpecError)."""
+    whose data differ in digest fail here, before any training, naming them (SpecError). Without
+    it, children whose data differ each load their own when they run (None here): one data set in
+    memory at a time."""
     from tlkit import train
     from tlkit.spec import SpecError
 
+    if not one_digest and len({train.data_key(spec) for spec in specs_by_variant.values()}) > 1:
+        return dict.fromkeys(specs_by_variant)
     loaded: dict[tuple, object] = {}
     for spec in specs_by_variant.values():
-        if _data_key(spec) not in loaded:
+        if train.data_key(spec) not in loaded:
             dataset = train.load_dataset(spec)
             for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test,
                           dataset.y_test):
                 array.flags.writeable = False  # a child that wrote into it would change the next child's data
-            loaded[_data_key(spec)] = dataset
-    by_variant = {v: loaded[_data_key(spec)] for v, spec in specs_by_variant.items()}
+            loaded[train.data_key(spec)] = dataset
+    by_variant = {v: loaded[train.data_key(spec)] for v, spec in specs_by_variant.items()}
     digests = {d.digest for d in by_variant.values()}
     if one_digest and len(digests) > 1:
         which = ", ".join(f"{v} ({d.digest[:12]})" for v, d in by_variant.items())

@@ -123,6 +123,11 @@ def long_lived_objects_frozen():
 DATA_FIELDS = ("data", "image_size", "limit", "test_limit", "seed", "classes")
 
 
+def data_key(spec: dict) -> tuple:
+    """Two specs with the same key load the same data set (load_dataset)."""
+    return tuple(str(spec[k]) for k in DATA_FIELDS)
+
+
 def load_dataset(spec: dict):
     """The spec's data: raw uint8 pixels, split and one-hot (data.load with the spec's fields)."""
     from tlkit import data, spec as specs

@@ -148,7 +148,7 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
     """Put the best trial's head on the frozen base, evaluate it on the test set, log it on the parent."""
     import mlflow
 
-    from tlkit import evaluate, fastpath, models
+    from tlkit import evaluate, fastpath, models, tracking
     from tlkit.train import Result
 
     everything = list(oracle.trials.values())
@@ -185,7 +185,7 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
             if clash:
                 raise TuneError(f"run {parent} already records another best {', '.join(clash)}: the search "
                                 "folder and the tracking store disagree; pass another --search-dir")
-            mlflow.log_params({k: v for k, v in values.items() if k not in current.params})
+            tracking.log_params_once(values)
             mlflow.log_dict(best_spec, "spec.json")
             outcome = evaluate.log_outcome(network.head, cached.test, dataset, history=history, spec=best_spec,
                                            logged_network=network.full, metrics={
@@ -195,8 +195,7 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
             # Last: its presence says the parent is complete, so a rerun of a finished search logs nothing.
             mlflow.set_tags({"best_trial_id": best.trial_id, "best_trial_run_id": best_run.info.run_id})
         else:
-            test_loss, test_accuracy, probabilities = evaluate.score(network.head, cached.test, dataset.y_test)
-            outcome = evaluate.Outcome(test_loss, test_accuracy, probabilities)
+            outcome = evaluate.Outcome(*evaluate.score(network.head, cached.test, dataset.y_test))
     return Result(run_id=parent, test_accuracy=outcome.test_accuracy, test_loss=outcome.test_loss,
                   model_uri=f"runs:/{parent}/model", test_predictions=outcome.probabilities.argmax(axis=1))
 
