@@ -23,6 +23,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
+# Subprocesses (the CLI, servers, workers) import tlkit from this checkout, whatever checkout an
+# editable install points at (a second work tree of the same repository, say).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 VGG16_WEIGHTS = REPO.parent / "shared" / "data" / "vgg16-imagenet-notop.weights.h5"
 CLASSES = ("circle", "square", "stripes")

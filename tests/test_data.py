@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from tlkit import data
+from tlkit import data, stream
 from tlkit.data import DataError, load
 
 from conftest import CIFAR_ARCHIVE
@@ -99,12 +99,14 @@ def mixed(tmp_path_factory) -> Path:
 
 
 def class_of_level(images: np.ndarray) -> np.ndarray:
-    means = images.reshape(len(images), -1).mean(axis=1)
+    means = np.asarray(images).reshape(len(images), -1).mean(axis=1)
     return np.digitize(means, [70, 150])  # ant < 70 <= bird < 150 <= cat
 
 
 def all_splits(ds):
-    return (("train", ds.x_train, ds.y_train), ("val", ds.x_val, ds.y_val), ("test", ds.x_test, ds.y_test))
+    # np.asarray: an image folder's splits are data.ImageFiles, decoded when read.
+    return tuple((split, np.asarray(x), y) for split, x, y in
+                 (("train", ds.x_train, ds.y_train), ("val", ds.x_val, ds.y_val), ("test", ds.x_test, ds.y_test)))
 
 
 # --- image folders -----------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def test_every_mode_becomes_the_right_rgb_pixels(mixed):
         # alpha resolved, resize without artefacts.
         spread = x.reshape(len(x), -1).max(axis=1).astype(int) - x.reshape(len(x), -1).min(axis=1)
         assert spread.max() <= 3, split
-    levels = {int(round(v)) for v in ds.x_test.reshape(18, -1).mean(axis=1)}
+    levels = {int(round(v)) for v in np.asarray(ds.x_test).reshape(18, -1).mean(axis=1)}
     expected = {base + i for base in BASE_LEVEL.values() for i in range(6)}
     assert max(min(abs(level - e) for e in expected) for level in levels) <= 2
 
@@ -223,15 +225,45 @@ def test_limit_replaces_unreadable_files_in_the_sample(tmp_path):
     assert load(str(root), limit=10, seed=3).digest == ds.digest
 
 
-def test_thread_pool_path_gives_the_same_result(mixed, monkeypatch):
-    sequential = load(str(mixed))
-    monkeypatch.setattr(data, "_PROBE", 4)
-    monkeypatch.setattr(data, "_CHUNK", 5)
-    monkeypatch.setattr(data, "_THREADS_ABOVE_SECONDS", 0.0)  # always use the pool
-    threaded = load(str(mixed))
-    assert threaded.digest == sequential.digest
-    np.testing.assert_array_equal(threaded.x_train, sequential.x_train)
-    assert sorted(threaded.skipped_files) == sorted(sequential.skipped_files)
+def test_scan_batches_do_not_change_the_result(mixed, monkeypatch):
+    whole = load(str(mixed))
+    monkeypatch.setattr(stream, "SCAN_BATCH", 5)  # many small decode tasks, run in parallel
+    batched = load(str(mixed))
+    assert batched.digest == whole.digest
+    np.testing.assert_array_equal(batched.x_train, whole.x_train)
+    assert sorted(batched.skipped_files) == sorted(whole.skipped_files)
+
+
+def test_a_folder_streams_the_pixels_an_in_memory_load_would_hold(mixed):
+    ds = load(str(mixed), limit=30, test_limit=9, seed=4)
+    assert isinstance(ds.x_train, data.ImageFiles) and isinstance(ds.x_test, data.ImageFiles)
+    pixels = {split: np.asarray(x) for split, x, _ in all_splits(ds)}
+    # The digest is data_digest of the decoded arrays, as when folders were read into memory: the
+    # sample (train and validation together) in the order of the folder's file list.
+    listed, _ = data._split_files(str(mixed / "train"), ds.class_names)
+    sampled = np.concatenate([ds.x_train.paths, ds.x_val.paths])
+    order = np.argsort([list(listed).index(path) for path in sampled])
+    x = np.concatenate([pixels["train"], pixels["val"]])[order]
+    labels = np.concatenate([ds.labels("train"), ds.labels("val")])[order]
+    assert ds.digest == data.data_digest(ds.class_names, 32, x, labels, pixels["test"], ds.labels("test"))
+    # Reading in batches, by slices, by index arrays and one by one all agree with the whole array.
+    streamed = np.concatenate(list(stream.batches(ds.x_test, 4).as_numpy_iterator()))
+    np.testing.assert_array_equal(streamed, pixels["test"])
+    np.testing.assert_array_equal(ds.x_test[2:5], pixels["test"][2:5])
+    np.testing.assert_array_equal(ds.x_test[np.array([7, 0])], pixels["test"][[7, 0]])
+    np.testing.assert_array_equal(ds.x_test[3], pixels["test"][3])
+    np.testing.assert_array_equal(ds.x_test.take([1, 2])[:], pixels["test"][[1, 2]])
+    np.testing.assert_array_equal(ds.x_test.mirror()[:], pixels["test"][:, :, ::-1])
+    assert ds.x_test.shape == (9, 32, 32, 3) and ds.x_test.dtype == np.uint8
+
+
+def test_a_file_gone_after_loading_is_named(tmp_path):
+    root = make_folder(tmp_path / "f", classes=("ant", "cat"), n_train=6, n_test=2)
+    ds = load(str(root))
+    gone = Path(ds.x_test.paths[1])
+    gone.write_bytes(b"not an image any more")
+    with pytest.raises(DataError, match=f"{gone.name}: can no longer be read"):
+        ds.x_test[:]
 
 
 def test_classes_select_and_order(mixed):
@@ -507,4 +539,4 @@ def test_real_cifar10_folder_with_limits(cifar_folder):
     assert counts == {label: 50 for label in range(10)}
     assert ds.class_counts("test") == {name: 20 for name in data.CIFAR10_CLASSES}
     assert ds.skipped_files == ()
-    assert 40 < ds.x_test.mean() < 200  # real photos, not blank arrays
+    assert 40 < np.asarray(ds.x_test).mean() < 200  # real photos, not blank arrays

@@ -483,3 +483,33 @@ def test_train_and_promote_on_a_basic_auth_server(auth_server, image_folder, tmp
         assert run.info.status == "FINISHED"
         champion = mlflow.MlflowClient().get_model_version_by_alias(f"{image_folder.name}-vgg16", "champion")
         assert champion.run_id == run.info.run_id
+
+
+def test_sigterm_during_the_streaming_pass_leaves_no_half_entry(tmp_path):
+    """The base's pass writes its entry as the features come (features.FeatureCache.writer): a SIGTERM
+    in the middle of it ends the run KILLED and leaves neither an entry nor a temporary folder."""
+    folder = make_image_folder(tmp_path / "many", train_per_class=300, test_per_class=20, size=64)
+    cache = tmp_path / "cache"
+    db = tmp_path / "mlflow.db"
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tlkit.cli", "train", "baseline", "--data", str(folder),
+                                    "--image-size", "64", *FAST_ARGS], cwd=tmp_path,
+                                   env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}", TLKIT_CACHE_DIR=str(cache)),
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        # The writer's temporary folder holds a file once the first batch's features are out.
+        while not any(cache.glob(".*.tmp-*/*.npy")):
+            assert process.poll() is None, f"exited {process.returncode} before the pass:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        stop(process)
+    output = log.read_text()
+    assert code == 130, output[-3000:]
+    assert "interrupted; the run is marked KILLED" in output and "Traceback" not in output, output[-3000:]
+    assert [status for _, status, _, _ in _runs_in(db)] == ["KILLED"]
+    assert list(cache.iterdir()) == []  # no entry, no temporary folder

@@ -292,9 +292,9 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none"})
     dataset = data.load(str(image_folder), seed=spec["seed"])
     network = models.build(spec, dataset.num_classes)
-    want = network.extractor.predict(dataset.x_train[:, :, ::-1], verbose=0)
+    want = network.extractor.predict(np.asarray(dataset.x_train)[:, :, ::-1], verbose=0)
     got = np.load(tmp_path / "cache" / mirrored["block5_pool"] / "train.npy")
-    unflipped = network.extractor.predict(dataset.x_train, verbose=0)
+    unflipped = network.extractor.predict(np.asarray(dataset.x_train), verbose=0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     assert np.abs(got - unflipped).max() > 100 * np.abs(got - want).max()  # the mirror images' own
 

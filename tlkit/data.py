@@ -14,6 +14,12 @@ Every source ends up the same way, following the original notebook: uint8 RGB im
 ``image_size`` x ``image_size`` (scaling to [0, 1] lives in the model), float32 one-hot
 labels, and 10% of the training images split off for validation.
 
+An image folder is not decoded into memory: its splits are `ImageFiles`, the list of files,
+decoded a batch at a time wherever they are read (stream.py's tf.data pipelines), so a folder of
+any size takes the memory of a few batches. Loading it decodes every sampled image once, in that
+same streaming way, to find unreadable files and to compute the digest of the pixels; the keras
+download and .npz files are arrays already and stay arrays.
+
 One module for the three sources (about 480 lines): they share the split, limit, class and digest
 rules and the wording of their errors, which is what a user meets first; apart, each rule would
 have to be kept the same in three places.
@@ -25,9 +31,7 @@ import hashlib
 import json
 import numbers
 import os
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,14 +45,6 @@ CIFAR10_CLASSES = (
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 VALIDATION_FRACTION = 0.1
 
-# Decoding: the first _PROBE images of a split are decoded in this thread and timed.
-# Small images (CIFAR's 32x32 JPEGs take ~0.1 ms) spend their time in PIL's Python
-# code, which holds the GIL, so threads only add contention: measured 1.5x slower with
-# 2 threads on 2 cores. Larger images spend it in the C decoder, which releases the
-# GIL, and a thread pool pays off (1.7x faster on 2 cores for 500x375 JPEGs).
-_PROBE = 64
-_THREADS_ABOVE_SECONDS = 0.0003  # per image
-_CHUNK = 64  # images per pool task; one task per image costs more than it saves
 
 class DataError(ValueError):
     """A bad data source: the message is one line naming the path/parameter and what is wrong."""
@@ -90,6 +86,69 @@ class Dataset:
         """Number of images per class name in split "train", "val" or "test"."""
         counts = np.bincount(self.labels(split), minlength=self.num_classes)
         return dict(zip(self.class_names, counts.tolist()))
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFiles:
+    """A split of an image folder as its files: an array-like of uint8 (n, size, size, 3) images
+    that decodes only what is read. x[rows] (an int, a slice, an index array) decodes those
+    images; stream.batches(x, ...) streams them all; np.asarray(x) decodes every one (for small
+    data and tests: tlkit's own paths stream)."""
+
+    paths: np.ndarray  # of str, one per image
+    size: int
+    mirrored: bool = False  # each image mirrored left to right as it is decoded (the spec's `flip`)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> np.ndarray:
+        # As numpy indexes: the first index picks images (only those are decoded), the rest their pixels.
+        index, within = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        rows = np.arange(len(self))[index]
+        images, unreadable = self.decode(np.atleast_1d(rows))
+        if len(unreadable):
+            raise DataError(f"{self.paths[np.atleast_1d(rows)[unreadable[0]]]}: can no longer be read "
+                            "(the folder changed after it was loaded)")
+        if np.ndim(rows):
+            return images[(slice(None), *within)]
+        return images[0][within]
+
+    def __array__(self, dtype=None, copy=None):
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+    def decode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images of `rows`, positions in `rows` of the files that could not be read: zeros there)."""
+        images = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
+        unreadable = []
+        for j, row in enumerate(rows):
+            image = _read_image(self.paths[row], self.size)
+            if image is None:
+                unreadable.append(j)
+            else:
+                images[j] = image[:, ::-1] if self.mirrored else image
+        return images, np.array(unreadable, dtype=np.int64)
+
+    def take(self, rows) -> ImageFiles:
+        """The images at `rows`, still as files."""
+        return ImageFiles(self.paths[rows], self.size, self.mirrored)
+
+    def mirror(self) -> ImageFiles:
+        """The same images mirrored left to right."""
+        return ImageFiles(self.paths, self.size, not self.mirrored)
+
+
+def rows_of(x, rows):
+    """x[rows] for an array, x.take(rows) (still files) for ImageFiles."""
+    return x.take(rows) if isinstance(x, ImageFiles) else x[rows]
 
 
 def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
@@ -138,7 +197,7 @@ def split_and_encode(x: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     train_idx, val_idx = train_test_split(
         np.arange(len(x)), test_size=VALIDATION_FRACTION, random_state=seed)
-    return x[train_idx], one_hot[train_idx], x[val_idx], one_hot[val_idx]
+    return rows_of(x, train_idx), one_hot[train_idx], rows_of(x, val_idx), one_hot[val_idx]
 
 
 def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -159,13 +218,19 @@ def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def data_digest(class_names, image_size: int, x_train, labels_train, x_test, labels_test) -> str:
     """sha256 of the data actually used (before the validation split), as hex."""
-    h = hashlib.sha256()
-    header = {"class_names": list(class_names), "image_size": int(image_size),
-              "train": list(x_train.shape), "test": list(x_test.shape)}
-    h.update(json.dumps(header).encode())
+    h = _digest_start(class_names, image_size, x_train.shape, x_test.shape)
     for array in (x_train, labels_train.astype("<i8"), x_test, labels_test.astype("<i8")):
         h.update(np.ascontiguousarray(array).data)
     return h.hexdigest()
+
+
+def _digest_start(class_names, image_size: int, train_shape, test_shape):
+    """data_digest's hash with its header in: the pixels and labels follow, train then test."""
+    h = hashlib.sha256()
+    header = {"class_names": list(class_names), "image_size": int(image_size),
+              "train": list(train_shape), "test": list(test_shape)}
+    h.update(json.dumps(header).encode())
+    return h
 
 
 # --- sources -------------------------------------------------------------------------
@@ -319,16 +384,75 @@ def _load_folder(root, image_size, limit, test_limit, seed, classes) -> Dataset:
                         f"missing {', '.join(missing) or '-'}; not in train/ {', '.join(extra) or '-'}")
     class_names = tuple(train_classes[i] for i in _select_classes(root, train_classes, classes))
 
-    skipped = []
-    x_train, y_train = _read_split(splits["train"], class_names, image_size, limit, seed, skipped)
-    x_test, y_test = _read_split(splits["test"], class_names, image_size, test_limit, seed, skipped)
+    files = {split: _split_files(split_dir, class_names) for split, split_dir in splits.items()}
+    limits = {"train": limit, "test": test_limit}
+    unreadable = {"train": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
+    while True:
+        # The sample leaves out the files found unreadable so far: still `limit` images, deterministically.
+        chosen = {split: _sample_readable(splits[split], class_names, files[split][1], unreadable[split],
+                                          limits[split], seed) for split in splits}
+        digest, found = _scan(class_names, image_size, files, chosen)
+        if not any(len(rows) for rows in found.values()):
+            break
+        # Rare: the pixels hashed so far belong to a sample that changes, so the scan starts again
+        # (decoding the new sample) rather than keep every image in memory in case it must.
+        unreadable = {split: np.union1d(unreadable[split], found[split]) for split in splits}
+
+    skipped = [str(files[split][0][row]) for split in splits for row in unreadable[split]]
     if skipped:
         shown = ", ".join(os.path.relpath(p, root) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s): {shown}{more}",
                       stacklevel=3)
-    return _build(os.path.basename(root), root, class_names, x_train, y_train, x_test, y_test,
-                  image_size, seed, skipped=tuple(skipped))
+    x_train, x_test = (ImageFiles(files[split][0][chosen[split]], image_size) for split in ("train", "test"))
+    return _build(os.path.basename(root), root, class_names, x_train, files["train"][1][chosen["train"]],
+                  x_test, files["test"][1][chosen["test"]], image_size, seed, skipped=tuple(skipped),
+                  digest=digest)
+
+
+def _split_files(split_dir, class_names) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, integer labels) of every image file of a split, class by class, sorted."""
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        found = _image_files(class_dir)
+        if not found:
+            raise DataError(f"{class_dir}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    return np.array(paths, dtype=object), np.array(labels, dtype=np.int64)
+
+
+def _sample_readable(split_dir, class_names, labels, unreadable, limit, seed) -> np.ndarray:
+    """Positions of a stratified sample of `limit` files (0 = all), none of them in `unreadable`."""
+    pool = np.setdiff1d(np.arange(len(labels)), unreadable)
+    counts = np.bincount(labels[pool], minlength=len(class_names))
+    if (counts == 0).any():
+        empty = class_names[int(np.argmin(counts))]
+        raise DataError(f"{os.path.join(split_dir, empty)}: no readable images")
+    return pool[stratified_sample(labels[pool], limit, seed)]
+
+
+def _scan(class_names, image_size, files, chosen) -> tuple[str, dict[str, np.ndarray]]:
+    """Decode the chosen files once, streaming (stream.scan): (data_digest of their pixels and
+    labels, positions of the files that could not be read per split). The digest is the one of
+    the decoded arrays (data_digest), so a folder keeps its digest and its cache entries."""
+    from tlkit import stream
+
+    shape = {split: (len(rows), image_size, image_size, 3) for split, rows in chosen.items()}
+    h = _digest_start(class_names, image_size, shape["train"], shape["test"])
+    found = {}
+    for split in ("train", "test"):
+        paths, labels = files[split]
+        rows = chosen[split]
+        failed = []
+        for start, images, unreadable in stream.scan(ImageFiles(paths[rows], image_size)):
+            failed.extend(rows[start + unreadable])
+            if not failed:
+                h.update(images.data)
+        found[split] = np.array(failed, dtype=np.int64)
+        h.update(labels[rows].astype("<i8").data)
+    return h.hexdigest(), found
 
 
 def _class_folders(split_dir: str) -> list[str]:
@@ -347,70 +471,6 @@ def _image_files(class_dir: str) -> list[str]:
                      if not name.startswith(".")
                      and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
     return files
-
-
-def _read_split(split_dir, class_names, size, limit, seed, skipped):
-    """Decode a split's images (a stratified sample of `limit` if set).
-
-    Only the sampled files are decoded. An unreadable file leaves the pool and the
-    sample is drawn again, so the result is still `limit` images and deterministic.
-    """
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        files = _image_files(class_dir)
-        if not files:
-            raise DataError(f"{class_dir}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    labels = np.array(labels, dtype=np.int64)
-
-    pool = np.arange(len(paths))
-    while True:
-        chosen = pool[stratified_sample(labels[pool], limit, seed)]
-        x = np.empty((len(chosen), size, size, 3), np.uint8)
-        failed = _decode_into(x, [paths[i] for i in chosen], size)
-        if not failed:
-            return x, labels[chosen]
-        skipped.extend(paths[chosen[j]] for j in failed)
-        pool = np.setdiff1d(pool, chosen[failed])
-        counts = np.bincount(labels[pool], minlength=len(class_names))
-        if (counts == 0).any():
-            empty = class_names[int(np.argmin(counts))]
-            raise DataError(f"{os.path.join(split_dir, empty)}: no readable images")
-        if len(chosen) == len(pool) + len(failed):
-            # Everything left was decoded: drop the failures instead of decoding again.
-            keep = np.ones(len(chosen), bool)
-            keep[failed] = False
-            return x[keep], labels[chosen[keep]]
-
-
-def _decode_into(out: np.ndarray, paths: list[str], size: int) -> list[int]:
-    """Decode paths[j] into out[j]; return the positions of unreadable files."""
-    def decode_range(start: int, stop: int) -> list[int]:
-        failed = []
-        for j in range(start, stop):
-            image = _read_image(paths[j], size)
-            if image is None:
-                failed.append(j)
-            else:
-                out[j] = image
-        return failed
-
-    n = len(paths)
-    probe = min(n, _PROBE)
-    started = time.perf_counter()
-    failed = decode_range(0, probe)
-    seconds_per_image = (time.perf_counter() - started) / max(probe, 1)
-    if probe == n:
-        return failed
-    if seconds_per_image < _THREADS_ABOVE_SECONDS:
-        return failed + decode_range(probe, n)
-    with ThreadPoolExecutor() as executor:
-        starts = range(probe, n, _CHUNK)
-        for chunk_failed in executor.map(lambda s: decode_range(s, min(s + _CHUNK, n)), starts):
-            failed.extend(chunk_failed)
-    return failed
 
 
 def _read_image(path: str, size: int) -> np.ndarray | None:
@@ -435,13 +495,14 @@ def _read_image(path: str, size: int) -> np.ndarray | None:
 # --- shared --------------------------------------------------------------------------
 
 def _build(name, source, class_names, x_train, y_train, x_test, y_test, image_size, seed,
-           skipped=()) -> Dataset:
+           skipped=(), digest: str = "") -> Dataset:
+    """digest: data_digest of these images, when the caller computed it as it streamed them."""
     if len(x_train) < 2:
         raise DataError(f"{source}: {len(x_train)} training image(s) after classes/limit; "
                         "the 10% validation split needs at least 2")
     if len(x_test) == 0:
         raise DataError(f"{source}: no test images after classes/test_limit")
-    digest = data_digest(class_names, image_size, x_train, y_train, x_test, y_test)
+    digest = digest or data_digest(class_names, image_size, x_train, y_train, x_test, y_test)
     x_tr, y_tr, x_val, y_val = split_and_encode(x_train, y_train, len(class_names), seed)
     y_te = np.eye(len(class_names), dtype=np.float32)[y_test]
     return Dataset(name=name, source=source, class_names=class_names,

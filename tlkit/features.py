@@ -7,23 +7,27 @@ the stored features. The trade-off (the Keras transfer-learning guide's): a rand
 per epoch cannot come from a cache, so the `augment` variant runs the whole network.
 
 An entry is a folder `<cache-dir>/<key>/` with train.npy, val.npy, test.npy and meta.json (the
-fields of the key and a sha256 of each array file). It is written into a temporary folder and
-renamed into place, so a crash never leaves a half-written entry (the next write removes the
-temporary folders of writers that died); it is verified on every read, and a corrupted entry is
-recomputed with a warning. Arrays are read memory-mapped.
+fields of the key, a sha256 of each array file, and what made it). The pass streams: the images
+are read a batch at a time (stream.py) and each batch's features are appended to the entry's
+files as they come, so the pass holds a few batches, not the data set. The entry is written into a
+temporary folder and renamed into place, so a crash or a kill never leaves a half-written entry
+(the next write removes the temporary folders of writers that died); it is verified on every read,
+and a corrupted entry is recomputed with a warning. Arrays are read memory-mapped.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the stored layout or the extractor's meaning changes
 SPLITS = ("train", "val", "test")
 SWEEP_GRACE_SECONDS = 60  # a temporary folder this young may belong to a writer about to lock it
+PROGRESS_SECONDS = 30  # a long pass logs how far it is this often
 
 
 class FeatureCacheError(OSError):
@@ -103,6 +108,8 @@ class Features:
     base_output: Features | None = None
     # The features of the training images mirrored left to right (the spec's `flip`), same order.
     train_mirrored: np.ndarray | None = None
+    # What computed them: {"engine": "local"|"ray", "workers": n, ...} (meta.json's "made_by").
+    made_by: dict = field(default_factory=dict)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -149,7 +156,8 @@ class FeatureCache:
             log.warning("feature cache entry %s is corrupted (%s): recomputing it", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        return Features(train=arrays["train"], val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True)
+        return Features(train=arrays["train"], val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True,
+                        made_by=meta.get("made_by", {}))
 
     def sweep_dead_writers(self) -> list[Path]:
         """Remove the temporary folders of writers that died (killed, out of memory, power cut).
@@ -178,12 +186,21 @@ class FeatureCache:
             log.info("feature cache: removed %d folder(s) left by writers that died", len(removed))
         return removed
 
-    def write(self, key: str, fields: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Write into a temporary folder, then rename it into place (atomic on one filesystem)."""
-        # bfloat16 features (precision mixed_bfloat16): .npy has no such type (it would store raw
-        # 2-byte voids), and float32 holds every bfloat16 value exactly.
-        arrays = {split: a.astype(np.float32) if np.dtype(a.dtype).name == "bfloat16" else a
-                  for split, a in arrays.items()}
+    def write(self, key: str, fields: dict, arrays: dict[str, np.ndarray], made_by: dict | None = None) -> None:
+        """Write whole arrays as an entry (writer(), in one go)."""
+        with self.writer(key, fields, {split: len(a) for split, a in arrays.items()}, made_by) as entry:
+            for split, array in arrays.items():
+                entry.append(split, array)
+
+    @contextmanager
+    def writer(self, key: str, fields: dict, rows: dict[str, int], made_by: dict | None = None):
+        """An entry written as its features come: `with cache.writer(...) as entry: entry.append(split, batch)`.
+
+        rows: how many rows each split will have. The files fill a temporary folder; when the block
+        ends with every row appended they are committed by a rename into place (atomic on one
+        filesystem). Any exception (Ctrl-C and SIGTERM included: the CLI turns SIGTERM into one)
+        removes the folder, so no half entry is ever seen; a writer killed outright leaves its folder
+        unlocked, and sweep_dead_writers removes it."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.sweep_dead_writers()
@@ -192,16 +209,12 @@ class FeatureCache:
         except OSError as err:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until this writer is done or dead (sweep_dead_writers)
+        entry = _EntryFiles(tmp, rows)
         try:
-            checksums = {}
-            for split in (split for split in SPLITS if split in arrays):
-                path = tmp / f"{split}.npy"
-                with open(path, "wb") as f:
-                    np.save(f, np.ascontiguousarray(arrays[split]))
-                    f.flush()
-                    os.fsync(f.fileno())
-                checksums[split] = file_sha256(path)
-            (tmp / "meta.json").write_text(json.dumps({"fields": fields, "sha256": checksums}, indent=1))
+            yield entry
+            checksums = entry.close()
+            meta = {"fields": fields, "sha256": checksums, "made_by": made_by or {"engine": "local", "workers": 1}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 os.rename(tmp, self._entry(key))
             except OSError:
@@ -211,27 +224,95 @@ class FeatureCache:
         except OSError as err:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
         finally:
+            entry.abandon()
             shutil.rmtree(tmp, ignore_errors=True)
             os.close(lock)
 
-    def get(self, fields: dict, extractor, images: dict[str, np.ndarray], batch_size: int = 128) -> Features:
-        """Cached features for images {'train','val','test'} (or 'train' alone), computed in one pass on a miss."""
+    def get(self, fields: dict, extractor, images: dict, batch_size: int = 128) -> Features:
+        """Cached features for images {'train','val','test'} (or 'train' alone; arrays or
+        data.ImageFiles), computed in one streaming pass on a miss."""
+        from tlkit import stream
+
         key = key_of(fields)
         cached = self.read(key)
         if cached is not None:
             log.info("feature cache hit: %s", self._entry(key))
             return cached
-        log.info("feature cache miss: computing %s features at %s for %d images",
-                 fields["base"], fields["boundary"], sum(len(images[s]) for s in images))
         splits = [split for split in SPLITS if split in images]
-        sizes = [len(images[split]) for split in splits]
-        everything = extractor.predict(np.concatenate([images[s] for s in splits]),
-                                       batch_size=batch_size, verbose="auto")
-        bounds = np.cumsum([0] + sizes)
-        arrays = {split: everything[bounds[i]:bounds[i + 1]] for i, split in enumerate(splits)}
-        self.write(key, fields, arrays)
+        total = sum(len(images[split]) for split in splits)
+        log.info("feature cache miss: computing %s features at %s for %d images", fields["base"],
+                 fields["boundary"], total)
+        started = last_report = time.monotonic()
+        done = 0
+        with self.writer(key, fields, {split: len(images[split]) for split in splits}) as entry:
+            for split in splits:
+                for batch in stream.batches(images[split], batch_size):
+                    # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, every
+                    # replica under a distribution strategy), one batch at a time, so nothing accumulates.
+                    entry.append(split, extractor.predict_on_batch(batch))
+                    done += len(batch)
+                    if time.monotonic() - last_report > PROGRESS_SECONDS:
+                        last_report = time.monotonic()
+                        log.info("feature pass: %d of %d images, %.0f images/s", done, total,
+                                 done / (last_report - started))
         stored = self.read(key)
         if stored is None:  # written and gone again: only a failing disk does that
             raise FeatureCacheError(f"the feature cache in {self.root} did not keep entry {key}")
         stored.hit = False
         return stored
+
+
+class _EntryFiles:
+    """The .npy files of an entry being written, one per split, filled in order batch by batch.
+
+    A file's header needs the array's shape, known from the split's row count and the first
+    batch's row shape; its sha256 is kept as the bytes go out, so committing reads nothing back."""
+
+    def __init__(self, folder: Path, rows: dict[str, int]):
+        self.folder, self.rows = folder, dict(rows)
+        self.files, self.hashes, self.written, self.row_shapes = {}, {}, {}, {}
+
+    def append(self, split: str, batch) -> None:
+        batch = np.asarray(batch)
+        if np.dtype(batch.dtype).name == "bfloat16":
+            # bfloat16 features (precision mixed_bfloat16): .npy has no such type (it would store raw
+            # 2-byte voids), and float32 holds every bfloat16 value exactly.
+            batch = batch.astype(np.float32)
+        batch = np.ascontiguousarray(batch)
+        if split not in self.rows:
+            raise ValueError(f"no rows were announced for split {split!r}")
+        if split not in self.files:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {
+                "descr": np.lib.format.dtype_to_descr(batch.dtype), "fortran_order": False,
+                "shape": (self.rows[split], *batch.shape[1:])})
+            self.files[split] = open(self.folder / f"{split}.npy", "wb")
+            self.hashes[split] = hashlib.sha256()
+            self.written[split], self.row_shapes[split] = 0, (batch.shape[1:], batch.dtype)
+            self._out(split, header.getvalue())
+        if (batch.shape[1:], batch.dtype) != self.row_shapes[split]:
+            raise ValueError(f"{split}: a batch of {batch.dtype} {batch.shape[1:]} after "
+                             f"{self.row_shapes[split][1]} {self.row_shapes[split][0]}")
+        if self.written[split] + len(batch) > self.rows[split]:
+            raise ValueError(f"{split}: more than the {self.rows[split]} rows announced")
+        self._out(split, batch.data)
+        self.written[split] += len(batch)
+
+    def _out(self, split: str, data) -> None:
+        self.files[split].write(data)
+        self.hashes[split].update(data)
+
+    def close(self) -> dict[str, str]:
+        """Flush every file to disk; the sha256 of each. Every announced row must be there."""
+        for split, count in self.rows.items():
+            if self.written.get(split, 0) != count:
+                raise ValueError(f"{split}: {self.written.get(split, 0)} of {count} rows written")
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        return {split: h.hexdigest() for split, h in self.hashes.items()}
+
+    def abandon(self) -> None:
+        for f in self.files.values():
+            f.close()

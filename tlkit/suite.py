@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # The order the children run in: finetune's pass of the base serves every frozen variant after it.
@@ -104,7 +106,8 @@ def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> d
             dataset = train.load_dataset(spec)
             for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test,
                           dataset.y_test):
-                array.flags.writeable = False  # a child that wrote into it would change the next child's data
+                if isinstance(array, np.ndarray):  # (an image folder's images are files, read afresh)
+                    array.flags.writeable = False  # a child that wrote into it would change the next child's data
             loaded[train.data_key(spec)] = dataset
     by_variant = {v: loaded[train.data_key(spec)] for v, spec in specs_by_variant.items()}
     digests = {d.digest for d in by_variant.values()}

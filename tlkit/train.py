@@ -139,8 +139,13 @@ def load_dataset(spec: dict):
     return dataset
 
 
-def mirrored(images: np.ndarray) -> np.ndarray:
-    """Each image mirrored left to right (the width axis of (n, height, width, channels))."""
+def mirrored(images):
+    """Each image mirrored left to right (the width axis of (n, height, width, channels)); images
+    read from files (data.ImageFiles) are mirrored as they are decoded."""
+    from tlkit.data import ImageFiles
+
+    if isinstance(images, ImageFiles):
+        return images.mirror()
     return np.ascontiguousarray(images[:, :, ::-1])
 
 

@@ -123,11 +123,25 @@ def fit_arguments(*args, **options) -> dict:
 
     from tlkit.fastpath import batches
 
+    from tlkit import stream
+    from tlkit.data import ImageFiles
+
     mirror_images = options.pop(MIRRORED, None)
     options = inspect.signature(keras.Model.fit).bind_partial(None, *args, **options).arguments
     options.pop("self")
     options.update(options.pop("kwargs", {}))
     x, y = options.get("x"), options.get("y")
+    if isinstance(x, ImageFiles):
+        # Images read from their files (stream.py), both ways: Keras's own array pipeline needs the
+        # pixels in memory, and a tf.data dataset is what plain Keras streams from.
+        batch_size = options["batch_size"] = options.get("batch_size") or 32
+        validation = options.get("validation_data")
+        if isinstance(validation, tuple) and len(validation) == 2 and isinstance(validation[0], ImageFiles):
+            options["validation_data"] = stream.batches(validation[0], batch_size, labels=validation[1])
+            options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
+        options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
+        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
+        return options
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or options.get("validation_split"):
         if mirror_images is not None:
             raise ValueError("mirrored training features need the training features as arrays")
@@ -173,6 +187,14 @@ def predict(model, x) -> np.ndarray:
     (tests/test_fastpath.py)."""
     import keras
 
+    from tlkit import stream
+    from tlkit.data import ImageFiles
+
+    if isinstance(x, ImageFiles):  # images read from their files a batch at a time
+        inputs = stream.batches(x, INFERENCE_BATCH)
+        if plain_keras():
+            return np.asarray(model.predict(inputs, verbose=0))
+        return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False)) for batch in inputs])
     if plain_keras():
         return np.asarray(model.predict(np.asarray(x), batch_size=INFERENCE_BATCH, verbose=0))
     return np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + INFERENCE_BATCH]), training=False))

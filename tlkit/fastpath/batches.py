@@ -19,9 +19,15 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     batch in a parallel map behind a prefetch buffer. This is that pipeline with the gather done
     in the calling thread: with steps of a millisecond or two (a head on cached features) the
     hand-off through the buffer costs more than the gather (README, "Speed").
+
+    x as data.ImageFiles (an image folder, streamed): the same permutation, each batch's files
+    decoded in a parallel map (stream.decoded), so the same batches in the same order as the arrays.
     """
     import keras
     import tensorflow as tf
+
+    from tlkit import stream
+    from tlkit.data import ImageFiles
 
     def as_tensor(array):
         array = np.asarray(array)
@@ -52,15 +58,6 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
             return full
         return full.concatenate(tf.data.Dataset.from_tensors(indices[in_full_batches:]))
 
-    # The arrays ride along in a repeated dataset rather than in the gather's closure (Keras's way:
-    # a captured tensor would be copied into the function's graph).
-    if x_mirrored is not None:
-        if len(x_mirrored) != count:
-            raise ValueError(f"{len(x_mirrored)} mirrored training features for {count} training features")
-        x, y = np.concatenate([x, x_mirrored]), np.concatenate([y, y])
-    arrays = tf.data.Dataset.from_tensors((as_tensor(x), as_tensor(y))).repeat()
-    batches = tf.data.Dataset.zip((tf.data.Dataset.range(1).map(permutation).flat_map(batched), arrays))
-    batches = batches.map(lambda indices, xy: (tf.gather(xy[0], indices), tf.gather(xy[1], indices)))
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False
     # The shuffle's and the coins' state lives outside the dataset: say so, or tf.data refuses to
@@ -69,7 +66,25 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     # A known length makes Keras start a new iterator, so a new permutation draw, every epoch, as for
     # arrays. tf.data.experimental is TensorFlow's public (documented, not yet stable) namespace;
     # neither name has a stable alias in TF 2.21.
-    return batches.with_options(options).apply(tf.data.experimental.assert_cardinality(math.ceil(count / batch_size)))
+    epoch_length = tf.data.experimental.assert_cardinality(math.ceil(count / batch_size))
+    index_batches = tf.data.Dataset.range(1).map(permutation).flat_map(batched)
+
+    if isinstance(x, ImageFiles):
+        # Images read from their files: the same permutation, each batch decoded in parallel (stream.py).
+        if x_mirrored is not None:
+            raise ValueError("mirrored draws are for cached features, not images read from files")
+        return stream.decoded(x, index_batches, labels=as_tensor(y)).with_options(options).apply(epoch_length)
+
+    # The arrays ride along in a repeated dataset rather than in the gather's closure (Keras's way:
+    # a captured tensor would be copied into the function's graph).
+    if x_mirrored is not None:
+        if len(x_mirrored) != count:
+            raise ValueError(f"{len(x_mirrored)} mirrored training features for {count} training features")
+        x, y = np.concatenate([x, x_mirrored]), np.concatenate([y, y])
+    arrays = tf.data.Dataset.from_tensors((as_tensor(x), as_tensor(y))).repeat()
+    batches = tf.data.Dataset.zip((index_batches, arrays))
+    batches = batches.map(lambda indices, xy: (tf.gather(xy[0], indices), tf.gather(xy[1], indices)))
+    return batches.with_options(options).apply(epoch_length)
 
 
 def validation_batches(x, y, batch_size: int):
