@@ -153,7 +153,7 @@ def check_nothing_dropped(run_id: str) -> None:
     if reports:
         detail = " ".join(reports[0].split("Failed to log run data:", 1)[-1].split()).removeprefix("Exception: ")
         if len(detail) > 240:  # MLflow's cause comes last: "... (Caused by ResponseError('too many 503 ...'))"
-            detail = f"{detail[:110]} ... {detail[-120:]}"
+            detail = f"{detail[:110].rstrip()} ... {detail[-120:].lstrip()}"
         raise TrackingError(f"{len(reports)} batch(es) of values logged in the background (autologging's per-epoch "
                             f"metrics) did not reach the tracking store {mlflow.get_tracking_uri()} for run {run_id}, "
                             f"after MLflow's retries: {detail}")
