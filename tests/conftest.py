@@ -7,10 +7,13 @@ Test modules import what they need from here (`from conftest import ...`), never
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -214,6 +217,109 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster on a free 127.0.0.1 port with one database, `mlflow`; stop()
+    and start() restart it on the same data. postgres refuses to run as root, so as root the cluster
+    runs as the `postgres` OS user, in a folder of its own under /tmp (pytest's tmp folders are
+    private to root)."""
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="tlkit-pg-"))
+        self.as_user = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.data = self.root / "data"
+        subprocess.run(self.as_user + [str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                                       "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        self.start()
+        subprocess.run(self.as_user + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                                       "postgres", "mlflow"], check=True, capture_output=True)
+        # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; psycopg2 is the driver installed.
+        self.uri = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(self.as_user + [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", *args], check=True,
+                       capture_output=True)
+
+    def start(self) -> None:
+        # fsync off: a throw-away cluster need not survive a power cut.
+        self._pg_ctl("-l", str(self.root / "server.log"), "-o",
+                     f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync=off -c full_page_writes=off", "start")
+
+    def running(self) -> bool:
+        return subprocess.run(self.as_user + [str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"],
+                              capture_output=True).returncode == 0
+
+    def stop(self, mode: str = "fast") -> None:
+        """fast: what a restart does (pg_ctl's default), clients disconnected; immediate: a crash."""
+        self._pg_ctl("-m", mode, "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def postgres_bindir() -> Path | None:
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = bins[-1] if bins else shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL cluster (Postgres); skips where there is none to start."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL here (initdb)")
+    cluster = Postgres(bindir)
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="module")
+def postgres_uri(request):
+    """$TLKIT_TEST_POSTGRES_URI, else a private cluster's (the `postgres` fixture)."""
+    if os.environ.get("TLKIT_TEST_POSTGRES_URI"):
+        return os.environ["TLKIT_TEST_POSTGRES_URI"]
+    return request.getfixturevalue("postgres").uri
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
+    """`mlflow server` on backend_uri, serving its artifacts from `artifacts`, on 127.0.0.1:port (its own
+    process group: stop() ends it), once it answers /health; its output appended to `log`."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    # The GenAI job runner (seven huey consumers) is of no use here.
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(log, "a") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server, 120, log)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres_uri, tmp_path_factory):
+    """`mlflow server` on PostgreSQL, serving its artifacts from a tmp folder: its URL."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    server = start_mlflow_server(postgres_uri, root / "artifacts", port, root / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
 
 
 # --- runs made by hand, as train.py leaves them ----------------------------------------------------

@@ -37,6 +37,24 @@ def test_mlflow_active_experiment_lookup():
          "tlkit/tracking.py experiment_id()")
 
 
+def test_mlflow_reports_a_dropped_background_batch_on_its_queue_logger(tracking):
+    """autolog logs per-epoch metrics in the background and drops a batch that fails; the only trace
+    is an ERROR on the queue's logger naming the run, which tracking.run turns into a failed run."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from tlkit import tracking as tlkit_tracking
+
+    tlkit_tracking.watch_background_logging()
+    with mlflow.start_run() as run:
+        # A metric name the store refuses (over 250 characters): the batch fails in the background.
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=[Metric("k" * 300, 1.0, 0, 0)], synchronous=False)
+        mlflow.flush_async_logging()
+    need(len(tlkit_tracking.dropped.of(run.info.run_id)) == 1,
+         f"an ERROR naming the run on logger {tlkit_tracking.DroppedBatches.LOGGER} for a dropped batch",
+         "tlkit/tracking.py DroppedBatches")
+
+
 @pytest.mark.parametrize("module, names, used_by", [
     ("keras_tuner.src.engine.tuner_utils", ("convert_to_metrics_dict", "get_best_step"), "tlkit/tune/trials.py"),
     ("keras_tuner.src.protos", ("get_service_grpc",), "tlkit/tune/distributed.py"),

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import base64
 import csv
-import glob
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,68 +23,6 @@ import pytest
 
 from conftest import (CLASSES, DIGEST_A, DIGEST_B, FAST_PARAMS, REPO, assert_clear, clean_env, cli, draw, free_port,
                       image_rows, invoke, make_run, no_registered_models, stop, using_tracking, versions, wait_for)
-
-
-# --- a private PostgreSQL and an MLflow server on it -------------------------------------------
-
-@pytest.fixture(scope="module")
-def postgres_uri():
-    """$TLKIT_TEST_POSTGRES_URI, else a throw-away cluster on a free 127.0.0.1 port.
-
-    postgres refuses to run as root, so as root the cluster runs as the `postgres` OS user, in a
-    folder of its own under /tmp (pytest's tmp folders are private to root).
-    """
-    if os.environ.get("TLKIT_TEST_POSTGRES_URI"):
-        yield os.environ["TLKIT_TEST_POSTGRES_URI"]
-        return
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        pytest.skip("no PostgreSQL here (initdb) and TLKIT_TEST_POSTGRES_URI is not set")
-    bindir = Path(initdb).parent
-    root = Path(tempfile.mkdtemp(prefix="tlkit-pg-"))
-    as_user = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                              "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-    # fsync off: a throw-away cluster need not survive a power cut.
-    options = f"-k {root} -h 127.0.0.1 -p {port} -c fsync=off -c full_page_writes=off"
-    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
-                              "-o", options, "start"], check=True, capture_output=True)
-    try:
-        subprocess.run(as_user + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                                  "mlflow"], check=True, capture_output=True)
-        # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; psycopg2 is the driver installed.
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(postgres_uri, tmp_path_factory):
-    """`mlflow server` on PostgreSQL, serving its artifacts from a tmp folder: its URL."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = root / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
-               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    # The GenAI job runner (seven huey consumers) is of no use here.
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", server, 120, log)
-        yield url
-    finally:
-        stop(server)
 
 
 @pytest.fixture

@@ -3,6 +3,18 @@
 The tracking URI follows MLflow's own rules (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db);
 the experiment is --experiment, else MLFLOW_EXPERIMENT_NAME, else MLflow's default. Under
 `mlflow run`, MLFLOW_RUN_ID names the run that the project created, and we log into it.
+
+A tracking server that restarts while runs log (README: "Nothing lost when the tracking server
+restarts") is ridden out by MLflow's own client: every request it sends is retried on a refused
+or broken connection and on 408/429/500/502/503/504 (mlflow/utils/request_utils.py), with the
+defaults MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2: urllib3 waits
+0, 4, 8, 16, 32, 64 and 120 s (its cap) between the 8 tries, so a request gives up only after
+about 244 s of outage (measured against a closed port: 247 s). The server answers 503 while its
+database is down and re-checks pooled database connections before use (pool_pre_ping), so a
+restarted PostgreSQL is ridden out the same way. tlkit changes none of these; it adds two things:
+the fail-fast reachability check is made only before a run starts (check_reachable), and a batch
+that MLflow logs in the background and drops past the retries fails its run instead of going
+missing (run, DroppedBatches).
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -36,13 +49,19 @@ def use_experiment(name: str | None) -> None:
 
 
 def check_reachable() -> str:
-    """Fail now, not after an hour of training, when the tracking store cannot be used."""
+    """Fail now, not after an hour of training, when the tracking store cannot be used.
+
+    Only before a run starts: inside one (a suite's child, a search inside a suite) the store
+    answered already, and a server that is restarting is for MLflow's retries to wait out; failing
+    fast there would fail the child."""
     import urllib.error
     import urllib.request
 
     import mlflow
 
     uri = mlflow.get_tracking_uri()
+    if mlflow.active_run() is not None:
+        return uri
     if uri.startswith(("http://", "https://")):
         # MLflow's client retries a refused connection for minutes; one plain request answers at once.
         try:
@@ -89,6 +108,55 @@ def log_params_once(params: dict) -> None:
 
     given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({k: v for k, v in params.items() if k not in given})
+
+
+class DroppedBatches(logging.Handler):
+    """What MLflow logged in the background and dropped, per run id.
+
+    Autologging sends the per-epoch metrics (and early stopping's outcome) through MLflow's
+    asynchronous queue (mlflow/utils/async_logging/async_logging_queue.py). A batch that still fails
+    after the client's retries is dropped: the queue reports it only as an ERROR on its logger,
+    "Run Id <id>: Failed to log run data: ...", which autolog(silent=True) keeps off the console,
+    and training goes on. Measured: with the retries off, a 3 s PostgreSQL restart left a child
+    FINISHED with 554 of its 600 epochs and the suite exiting 0. run() fails such a run instead.
+    The logger and its message are MLflow's, not an API: tests/test_private_apis.py guards them."""
+
+    LOGGER = "mlflow.utils.async_logging.async_logging_queue"
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reports.append(record.getMessage())
+
+    def of(self, run_id: str) -> list[str]:
+        return [report for report in self.reports if run_id in report]
+
+
+dropped = DroppedBatches()
+
+
+def watch_background_logging() -> None:
+    """Collect MLflow's reports of dropped background batches (DroppedBatches); once per process."""
+    logger = logging.getLogger(DroppedBatches.LOGGER)
+    if dropped not in logger.handlers:
+        logger.addHandler(dropped)
+
+
+def check_nothing_dropped(run_id: str) -> None:
+    """Raise TrackingError if MLflow dropped a batch it was logging in the background for run_id."""
+    import mlflow
+
+    mlflow.flush_async_logging()  # what is still queued is sent, or dropped, now (a no-op when idle)
+    reports = dropped.of(run_id)
+    if reports:
+        detail = " ".join(reports[0].split("Failed to log run data:", 1)[-1].split()).removeprefix("Exception: ")
+        if len(detail) > 240:  # MLflow's cause comes last: "... (Caused by ResponseError('too many 503 ...'))"
+            detail = f"{detail[:110].rstrip()} ... {detail[-120:].lstrip()}"
+        raise TrackingError(f"{len(reports)} batch(es) of values logged in the background (autologging's per-epoch "
+                            f"metrics) did not reach the tracking store {mlflow.get_tracking_uri()} for run {run_id}, "
+                            f"after MLflow's retries: {detail}")
 
 
 def autolog() -> None:
@@ -143,8 +211,10 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
                             "for EDIT permission") from None
     if not nested and parent_run_id is None:
         mark_training_experiment(active.info.experiment_id)
+    watch_background_logging()
     try:
         yield active
+        check_nothing_dropped(active.info.run_id)
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
