@@ -176,6 +176,8 @@ def test_the_feature_cache_is_hit_the_second_time(image_folder, tracking):
     assert [r.data.tags["feature_cache"] for r in runs] == ["miss", "hit"]
     assert runs[0].data.tags["feature_cache_key"] == runs[1].data.tags["feature_cache_key"]
     assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]
+    # This process made them (tests/test_cluster.py: features made by Ray say ray).
+    assert {(r.data.tags["feature_engine"], r.data.tags["feature_workers"]) for r in runs} == {("local", "1")}
 
 
 @pytest.mark.e2e

@@ -13,6 +13,11 @@ files as they come, so the pass holds a few batches, not the data set. The entry
 temporary folder and renamed into place, so a crash or a kill never leaves a half-written entry
 (the next write removes the temporary folders of writers that died); it is verified on every read,
 and a corrupted entry is recomputed with a warning. Arrays are read memory-mapped.
+
+What runs the pass is an engine: `LocalPass`, this process's extractor over stream.py's batches,
+or cluster.py's `RayPass`, Ray actors across a cluster. Either hands `get` the features batch by
+batch in order, and the entry, its key and its checks are the same; meta.json's `made_by` says
+which engine made it and with how many workers.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ FORMAT_VERSION = 1  # bump when the stored layout or the extractor's meaning cha
 SPLITS = ("train", "val", "test")
 SWEEP_GRACE_SECONDS = 60  # a temporary folder this young may belong to a writer about to lock it
 PROGRESS_SECONDS = 30  # a long pass logs how far it is this often
+PASS_BATCH = 128  # images per call of the extractor in a pass, whatever its engine
 
 
 class FeatureCacheError(OSError):
@@ -94,6 +100,22 @@ def _why(err: OSError, folder: Path) -> str:
     except OSError:
         return str(err)
     return f"No space left on device ({free} bytes free; {err})" if free < 1 << 20 else str(err)
+
+
+class LocalPass:
+    """The one-machine pass: this process's extractor over the images, streamed (stream.py)."""
+
+    made_by = {"engine": "local", "workers": 1}
+
+    def features(self, fields: dict, extractor, images: dict, batch_size: int):
+        """(split, features of the next batch) for every batch of every split, in order."""
+        from tlkit import stream
+
+        for split, x in images.items():
+            for batch in stream.batches(x, batch_size):
+                # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, every
+                # replica under a distribution strategy), one batch at a time, so nothing accumulates.
+                yield split, extractor.predict_on_batch(batch)
 
 
 @dataclass
@@ -213,7 +235,7 @@ class FeatureCache:
         try:
             yield entry
             checksums = entry.close()
-            meta = {"fields": fields, "sha256": checksums, "made_by": made_by or {"engine": "local", "workers": 1}}
+            meta = {"fields": fields, "sha256": checksums, "made_by": made_by or LocalPass.made_by}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 os.rename(tmp, self._entry(key))
@@ -228,33 +250,31 @@ class FeatureCache:
             shutil.rmtree(tmp, ignore_errors=True)
             os.close(lock)
 
-    def get(self, fields: dict, extractor, images: dict, batch_size: int = 128) -> Features:
+    def get(self, fields: dict, extractor, images: dict, batch_size: int = PASS_BATCH, engine=None) -> Features:
         """Cached features for images {'train','val','test'} (or 'train' alone; arrays or
-        data.ImageFiles), computed in one streaming pass on a miss."""
-        from tlkit import stream
-
+        data.ImageFiles), computed in one streaming pass on a miss: by `engine` (default LocalPass;
+        cluster.RayPass runs it on Ray), which yields (split, features) batch by batch in order."""
         key = key_of(fields)
         cached = self.read(key)
         if cached is not None:
             log.info("feature cache hit: %s", self._entry(key))
             return cached
+        engine = engine or LocalPass()
         splits = [split for split in SPLITS if split in images]
         total = sum(len(images[split]) for split in splits)
-        log.info("feature cache miss: computing %s features at %s for %d images", fields["base"],
-                 fields["boundary"], total)
+        log.info("feature cache miss: computing %s features at %s for %d images (%s)", fields["base"],
+                 fields["boundary"], total, engine.made_by["engine"])
         started = last_report = time.monotonic()
         done = 0
-        with self.writer(key, fields, {split: len(images[split]) for split in splits}) as entry:
-            for split in splits:
-                for batch in stream.batches(images[split], batch_size):
-                    # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, every
-                    # replica under a distribution strategy), one batch at a time, so nothing accumulates.
-                    entry.append(split, extractor.predict_on_batch(batch))
-                    done += len(batch)
-                    if time.monotonic() - last_report > PROGRESS_SECONDS:
-                        last_report = time.monotonic()
-                        log.info("feature pass: %d of %d images, %.0f images/s", done, total,
-                                 done / (last_report - started))
+        with self.writer(key, fields, {split: len(images[split]) for split in splits}, engine.made_by) as entry:
+            for split, batch in engine.features(fields, extractor, {split: images[split] for split in splits},
+                                                batch_size):
+                entry.append(split, batch)
+                done += len(batch)
+                if time.monotonic() - last_report > PROGRESS_SECONDS:
+                    last_report = time.monotonic()
+                    log.info("feature pass: %d of %d images, %.0f images/s", done, total,
+                             done / (last_report - started))
         stored = self.read(key)
         if stored is None:  # written and gone again: only a failing disk does that
             raise FeatureCacheError(f"the feature cache in {self.root} did not keep entry {key}")

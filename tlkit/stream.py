@@ -22,8 +22,9 @@ from tlkit.data import ImageFiles
 SCAN_BATCH = 64  # images per decode task when loading scans a folder
 
 
-def _reader(images, with_unreadable: bool = False):
-    """A numpy function: rows (int64) -> images[rows] (and the positions of unreadable files)."""
+def reader(images, with_unreadable: bool = False):
+    """A numpy function: rows (int64) -> images[rows] (and the positions of unreadable files). The one
+    way rows are read, here in tf.data and in cluster.py's Ray workers, so both passes see the same pixels."""
     from tlkit.data import DataError
 
     def read(rows):
@@ -47,7 +48,7 @@ def decoded(images, row_batches, labels=None, with_unreadable: bool = False):
     positions of the unreadable files), decoded in parallel, in order, prefetched."""
     import tensorflow as tf
 
-    read = _reader(images, with_unreadable)
+    read = reader(images, with_unreadable)
     image_type = tf.as_dtype(np.dtype(images.dtype))
     label_table = None if labels is None else tf.constant(np.asarray(labels))
 

@@ -149,7 +149,8 @@ def mirrored(images):
     return np.ascontiguousarray(images[:, :, ::-1])
 
 
-def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below_top: bool = False):
+def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below_top: bool = False,
+                    engine=None):
     """The extractor's outputs for the train, val and test images: from the cache, or computed once.
 
     finetune and the frozen variants share one pass of the base. finetune caches below the block
@@ -164,23 +165,38 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     cache_below_top: where a frozen variant's features are not cached, its pass stops below the
     top block (as finetune's does), stores those, and derives its own from them: a fine-tuning
     run on the same images later finds its features instead of making a second pass.
+
+    engine: what runs a pass on a miss (features.LocalPass by default; cluster.RayPass makes the
+    same entries on Ray, looked up here by the same rules, so a run after it finds them all).
     """
     from tlkit import features
 
     cache = features.FeatureCache(cache_dir)
     images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
-    got = _cached_features(network, dataset, spec, cache, images, "", cache_below_top)
+    got = _cached_features(network, dataset, spec, cache, images, "", cache_below_top, engine)
     if spec["flip"]:
         flipped = _cached_features(network, dataset, spec, cache, {"train": mirrored(dataset.x_train)}, "hflip",
-                                   cache_below_top)
+                                   cache_below_top, engine)
         got.train_mirrored = flipped.train
         if got.base_output is not None:
             got.base_output.train_mirrored = flipped.base_output.train
     return got
 
 
+def feature_tags(cached, network) -> dict:
+    """A run's tags for the features it trained on (frozen_features' result): found, derived or
+    computed, their entry and boundary, and who ran the base over the images (this process, or
+    `tlkit features --engine ray` before it) with how many workers."""
+    from tlkit import features
+
+    made_by = cached.made_by or features.LocalPass.made_by  # entries older than made_by were all made locally
+    return {"feature_cache": "derived" if cached.derived_from else "hit" if cached.hit else "miss",
+            "feature_cache_key": cached.key, "feature_boundary": network.boundary,
+            "feature_engine": made_by["engine"], "feature_workers": str(made_by.get("workers", 1))}
+
+
 def _cached_features(network, dataset, spec: dict, cache, images: dict, transform: str = "",
-                     cache_below_top: bool = False):
+                     cache_below_top: bool = False, engine=None):
     """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
     import keras
 
@@ -200,7 +216,9 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 
     def derive(lower: features.Features, top) -> features.Features:
         arrays = {split: fastpath.predict(top, getattr(lower, split)) for split in lower.splits}
-        cache.write(features.key_of(top_fields), top_fields, arrays)
+        # Made by the pass that made `lower` (the top block here is a small part of the work), and said so.
+        cache.write(features.key_of(top_fields), top_fields, arrays,
+                    made_by={**(lower.made_by or features.LocalPass.made_by), "derived_from": lower.key})
         derived = cache.read(features.key_of(top_fields))
         derived.hit, derived.derived_from = False, lower.key
         return derived
@@ -209,13 +227,14 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
         if not cache.has(features.key_of(fields)):
             lower = cache.read(features.key_of(fields_at(shared_cut)))
             if lower is None and cache_below_top and shared_cut != output_layer:
-                lower = cache.get(fields_at(shared_cut), models.extractor_to(network, spec, shared_cut), images)
+                lower = cache.get(fields_at(shared_cut), models.extractor_to(network, spec, shared_cut), images,
+                                  engine=engine)
             if lower is not None:
                 log.info("feature cache: deriving %s features from the %s entry", output_layer, shared_cut)
                 return derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
-        return cache.get(fields, network.extractor, images)
+        return cache.get(fields, network.extractor, images, engine=engine)
 
-    got = cache.get(fields, network.extractor, images)
+    got = cache.get(fields, network.extractor, images, engine=engine)
     if network.upper is not None:
         # The base's output for fine-tuning's first stage, from these features through the block(s)
         # above, still at the loaded weights (fine-tuning has not started).
@@ -277,9 +296,7 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
             on_features = False
         else:
             cached = frozen_features(network, dataset, spec, cache_dir, cache_below_top)
-            outcome = "derived" if cached.derived_from else "hit" if cached.hit else "miss"
-            mlflow.set_tags({"feature_cache": outcome, "feature_cache_key": cached.key,
-                             "feature_boundary": network.boundary})
+            mlflow.set_tags(feature_tags(cached, network))
             model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test,
                                                 "train_mirrored": cached.train_mirrored}
             on_features = True

@@ -84,7 +84,7 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
     import keras
     import mlflow
 
-    from tlkit import tracking
+    from tlkit import tracking, train
     from tlkit.spec import SpecError
 
     search = _settled(search, variant, settings)
@@ -112,8 +112,7 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
 
     tags = {"stage": "search", "variant": Path(variant).stem, "tuner": search.tuner, "base": spec["base"],
             "dataset": dataset.name, "dataset_digest": dataset.digest, "search_key": key,
-            "search_dir": str(folder.resolve()), "feature_cache": "hit" if cached.hit else "miss",
-            "feature_cache_key": cached.key, "feature_boundary": network.boundary}
+            "search_dir": str(folder.resolve()), **train.feature_tags(cached, network)}
     with tracking.run(Path(variant).stem, nested=nested, tags=tags, run_id=parent_id) as active:
         parent = active.info.run_id
         resume.write_state(folder, {"key": key, "identity": what, "parent_run_id": parent,
