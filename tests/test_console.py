@@ -41,6 +41,17 @@ def test_only_the_start_up_notices_are_noise():
         assert not console.is_noise(line, gpu_driver=False)
 
 
+def test_a_ray_workers_lines_are_judged_without_rays_prefix():
+    # As Ray 2.60 forwarded them from `tlkit features --engine ray`'s actors (colour codes included).
+    for prefix in (b"\x1b[36m(MapWorker(MapBatches(BaseWorker)) pid=2661)\x1b[0m ",
+                   b"(MapWorker(MapBatches(BaseWorker)) pid=2661, ip=10.0.0.7) "):
+        for line in NOISE:
+            assert console.is_noise(prefix + line, gpu_driver=True)
+        assert console.is_noise(prefix + CUDA[0] + b"\x1b[32m [repeated 2x across cluster]\x1b[0m", gpu_driver=False)
+        for line in REAL[:1] + REAL[2:]:
+            assert not console.is_noise(prefix + line, gpu_driver=False)
+
+
 def test_the_filter_drops_the_notices_and_keeps_the_rest_in_order(tmp_path):
     """In a process of its own, as the `tlkit` command installs it: native writes to fd 2, Python's
     sys.stderr, a partial last line, and a child process inheriting fd 2."""

@@ -64,6 +64,7 @@ spec_options = field_options(FIELDS)
 
 def _known_errors() -> tuple[tuple, tuple]:
     """The one table of known failures: (bad input: exit 2, failures while running: exit 1)."""
+    from tlkit.cluster import ClusterError
     from tlkit.data import DataError
     from tlkit.features import FeatureCacheError
     from tlkit.models import ModelError
@@ -75,7 +76,7 @@ def _known_errors() -> tuple[tuple, tuple]:
 
     usage = (SpecError, DataError, ModelError, RegistryError)
     # OSError: a file that cannot be written (pretrain's weights, a full disk), said in one line.
-    running = (TrackingError, FeatureCacheError, TuneError, RecipeError, OSError)
+    running = (TrackingError, FeatureCacheError, TuneError, RecipeError, ClusterError, OSError)
     return usage, running
 
 
@@ -167,6 +168,61 @@ def train_command(variant: str, experiment: str | None, cache_dir: str | None, *
 
     result = train(variant, spec, experiment=experiment, cache_dir=cache_dir)
     click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
+
+
+# --- features: the base's pass, here or across a Ray cluster (tlkit/cluster.py) --------------------
+
+@main.command("features")
+@click.argument("variant")
+@spec_options
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="where the pass runs: this process, or Ray Data's actors (pip install 'tlkit[cluster]')")
+@click.option("--address", default=None,
+              help="Ray: 'local' starts Ray here with --workers CPUs; 'auto' joins the cluster of this node; "
+                   "ray://HEAD:10001 a remote one  [default: local]")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, each loading the base once  [default: 2]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs Ray gives each actor (a fraction shares one)  [default: 0]")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs Ray gives each actor (decoding and, without a GPU, the base)  [default: 1]")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="times Ray restarts a worker that dies and retries its batch before the pass fails  [default: 3]")
+@_cache_dir_option
+@friendly_errors
+def features_command(variant: str, engine: str, address: str | None, workers: int | None,
+                     gpus_per_worker: float | None, cpus_per_worker: float | None, retries: int | None,
+                     cache_dir: str | None, **overrides) -> None:
+    """Compute VARIANT's frozen features into the cache, here or on a Ray cluster.
+
+    Makes every cache entry `tlkit train VARIANT` with the same options looks up (the base's output;
+    for finetune the cut below the block and the output derived from it; with --flip the mirrored
+    training images'), so that run finds them all (feature_cache=hit) and trains on this machine;
+    it is tagged with the engine and workers that made them. Paths (data, weights) must be readable
+    at the same place on every node.
+
+    Example: tlkit features finetune --engine ray --address ray://head:10001 --workers 8
+    --gpus-per-worker 1 --data /shared/photos --image-size 224
+    """
+    from tlkit import cluster, spec as specs
+
+    ray_options = {"--address": address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
+                   "--cpus-per-worker": cpus_per_worker, "--retries": retries}
+    if engine == "local" and any(value is not None for value in ray_options.values()):
+        given = [name for name, value in ray_options.items() if value is not None]
+        raise specs.SpecError(f"{', '.join(given)}: for --engine ray only")
+    spec = specs.load(variant, overrides)  # every check before data is loaded or Ray started
+    made = cluster.make_features(
+        variant, spec, engine=engine, address=address or "local", workers=workers or 2,
+        gpus_per_worker=gpus_per_worker or 0.0, cpus_per_worker=cpus_per_worker or 1.0,
+        retries=cluster.RETRIES if retries is None else retries, cache_dir=cache_dir)
+    for done in made.passes:
+        what = f"{done.boundary} ({done.transform})" if done.transform else done.boundary
+        click.echo(f"{engine}: {done.images} images at {what} in {done.seconds:.1f} s "
+                   f"({done.images / max(done.seconds, 1e-9):.0f} images/s) -> entry {done.key}")
+    by = made.made_by or {}
+    click.echo(f"features for {specs.variant_path(variant).stem}: entry {made.key} at {made.boundary} ({made.outcome}; "
+               f"made by {by.get('engine', 'local')}, {by.get('workers', 1)} worker(s))")
 
 
 # --- pretrain: the seed's step 1 (tlkit/pretrain.py) ---------------------------------------------

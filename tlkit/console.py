@@ -9,6 +9,10 @@ not the tests' in-process calls) runs stderr through a pipe and drops those line
 line, TensorFlow's real warnings and errors included, passes unchanged and in order. On a machine
 with an NVIDIA driver the CUDA lines are kept (there they can matter). TLKIT_RAW_STDERR=1 turns the
 filter off.
+
+`tlkit features --engine ray` starts TensorFlow in every Ray worker, and Ray forwards the workers'
+stderr to this one behind a prefix naming the worker ("(MapWorker(...) pid=123, ip=...) "): those
+lines are judged without the prefix, so each worker's notices go and its real lines stay.
 """
 
 from __future__ import annotations
@@ -29,12 +33,17 @@ _ALWAYS = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(
 _CUDA = re.compile(rb"^[IWE]\d{4} [\d:.]+\s+\d+ (cudart_stub|cuda_platform|cuda_executor|cuda_diagnostics|"
                    rb"gpu_device|cuda_dnn|cuda_fft|cuda_blas)\.cc:\d+\] ")
 
+# Ray's prefix on a line forwarded from a worker: the actor or task, its pid (and ip off this node),
+# in colour when Ray thinks it writes to a terminal.
+_RAY_WORKER = re.compile(rb"^(?:\x1b\[\d+m)?\(.*? pid=\d+(?:, ip=[^)]*)?\)(?:\x1b\[0m)? ")
+
 RAW_ENV = "TLKIT_RAW_STDERR"
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 _FLUSH_AFTER_S = 0.2  # a partial line (no newline yet) is passed on after this long without more
 
 
 def is_noise(line: bytes, gpu_driver: bool) -> bool:
+    line = _RAY_WORKER.sub(b"", line, count=1)
     return bool(_ALWAYS.match(line) or (not gpu_driver and _CUDA.match(line)))
 
 
