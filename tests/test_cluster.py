@@ -142,6 +142,39 @@ def test_a_pass_whose_workers_always_die_fails_in_one_line_and_leaves_nothing(ra
 
 
 @pytest.mark.e2e
+def test_a_workers_data_error_comes_back_as_the_local_pass_raises_it(ray_local, finetune_spec, tmp_path):
+    from tlkit.data import DataError
+
+    class FileGone(cluster.BaseWorker):  # local, so Ray pickles it by value
+        """Finds a file gone since loading (stream.reader's error), without building the base."""
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, batch):
+            raise DataError(f"{batch['path'][0]}: can no longer be read (the folder changed after it was loaded)")
+
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"^/.*/train/circle/\d+\.png: can no longer be read \(the folder changed"):
+        cluster.make_features("finetune", finetune_spec, engine="ray", workers=1, cache_dir=str(cache), worker=FileGone)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_workers_exception_is_read_from_the_traceback_ray_sends_back():
+    # As Ray 2.60 raised it (RayTaskError(UserCodeException)), the frames shortened.
+    text = ("\x1b[36mray::MapWorker(MapBatches(BaseWorker)).submit()\x1b[39m (pid=7066, ip=192.0.2.2)\n"
+            '  File "/x/tlkit/stream.py", line 38, in read\n    raise DataError(...)\n'
+            "tensorflow.python.framework.errors_impl.ResourceExhaustedError: OOM when allocating tensor\n"
+            "Hint: If you want to see a list of allocated tensors when OOM happens, ...\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            "\x1b[36mray::MapWorker(MapBatches(BaseWorker)).submit()\x1b[39m (pid=7066, ip=192.0.2.2)\n"
+            "ray.exceptions.UserCodeException: UDF failed to process a data block.\n")
+    assert cluster.raised_in_worker(RuntimeError(text)) == (
+        "tensorflow.python.framework.errors_impl.ResourceExhaustedError", "OOM when allocating tensor")
+    assert cluster.raised_in_worker(RuntimeError("The actor died unexpectedly before finishing this task.")) is None
+
+
+@pytest.mark.e2e
 def test_an_unreachable_cluster_is_one_line_before_any_data_is_read(image_folder, tmp_path):
     address = f"ray://127.0.0.1:{free_port()}"
     done = subprocess.run([sys.executable, "-m", "tlkit.cli", "features", "baseline", "--engine", "ray",

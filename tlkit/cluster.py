@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import time
 import warnings
@@ -368,32 +369,43 @@ class RayPass:
             except StopIteration:
                 return
             except Exception as err:
-                cause = _root_cause(err)
-                if isinstance(cause, DataError):
-                    raise DataError(str(cause)) from None
-                raise ClusterError(self._failure(err, cause)) from None
+                raised = raised_in_worker(err)
+                if raised and raised[0] == f"{DataError.__module__}.{DataError.__name__}":
+                    raise DataError(raised[1]) from None
+                raise ClusterError(self._failure(err, raised)) from None
             yield batch
 
-    def _failure(self, err: Exception, cause: BaseException) -> str:
+    def _failure(self, err: Exception, raised: tuple[str, str] | None) -> str:
         import ray
 
         if isinstance(err, ray.exceptions.RayActorError):
             return (f"ray: a worker of the feature pass died and Ray's retries are spent (--retries {self.retries}): "
                     f"{_first_line(err)}")
-        if cause is not err:
-            return f"ray: a worker of the feature pass failed: {type(cause).__name__}: {_first_line(cause)}"
+        if raised:
+            return f"ray: a worker of the feature pass failed: {raised[0].rsplit('.', 1)[-1]}: {raised[1]}"
         return f"ray: the feature pass failed: {type(err).__name__}: {_first_line(err)}"
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The user's exception inside Ray's wrappers (RayTaskError.cause, UserCodeException.__cause__)."""
-    seen = {id(err)}
-    while True:
-        inner = getattr(err, "cause", None) or err.__cause__
-        if inner is None or id(inner) in seen:
-            return err
-        seen.add(id(inner))
-        err = inner
+# How Python joins chained tracebacks; Ray sends a worker's traceback back as this text.
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$")
+
+
+def raised_in_worker(err: BaseException) -> tuple[str, str] | None:
+    """(qualified type name, first line of the message) of the exception a worker's code raised, or None.
+
+    Ray Data wraps it in a UserCodeException, and the exception object does not come back (its
+    __cause__ is lost on the way): only the worker's traceback does, as text, the user's exception
+    in the part just before the wrapper's: the first unindented `name: message` line after Ray's
+    header (the frames are indented; a message's later lines may look like one, "Hint: ...")."""
+    parts = str(err).split(_CAUSE)
+    if len(parts) < 2:
+        return None
+    for line in parts[-2].splitlines():
+        found = _EXCEPTION_LINE.match(line)
+        if found:
+            return found.group(1), found.group(2).strip()
+    return None
 
 
 def _first_line(err: BaseException) -> str:
