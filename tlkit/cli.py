@@ -28,6 +28,9 @@ log = logging.getLogger("tlkit")
 def _quiet_tensorflow() -> None:
     # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) hides our own messages.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # So do its Python INFO lines, which reach the root handler main sets up: MirroredStrategy logs
+    # a reduction plan dozens of times a run (tlkit/distribute.py logs the strategy chosen, once).
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 def _terminate_as_interrupt(signum, frame):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tlkit import spec as specs
 
 COMMON = ["data", "classes", "base", "weights", "image_size", "preprocess", "epochs", "batch_size",
-          "learning_rate", "patience", "limit", "test_limit", "seed", "units", "precision"]
+          "learning_rate", "patience", "limit", "test_limit", "seed", "units", "precision", "strategy"]
 
 
 def _parameter(name: str, value) -> str:

@@ -38,6 +38,11 @@ FIELDS: dict[str, tuple[object, str]] = {
     "precision": ("float32", "'float32', or 'mixed_float16' / 'mixed_bfloat16': layers compute in 16 bits, variables "
                              "and the softmax stay float32 (for GPUs; bfloat16 also runs on CPUs)"),
     "jit": (False, "compile training steps and the feature pass with XLA (jit_compile)"),
+    # batch_size stays the global batch under a strategy and the learning rate stays as given, so a
+    # spec trains the same steps on any number of devices (tlkit/distribute.py says why).
+    "strategy": ("auto", "devices of this machine: 'auto' (MirroredStrategy over every GPU when there are 2 or "
+                         "more, else one device), 'one', or 'mirrored' (every GPU, or every logical CPU); "
+                         "batch_size is the global batch, split between the replicas, the learning rate unchanged"),
     "trainable_base": (False, "train the whole base from the first epoch, BatchNorm included (from scratch with "
                               "weights 'none'; runs the whole network every epoch)"),
     # optimisation
@@ -45,7 +50,7 @@ FIELDS: dict[str, tuple[object, str]] = {
     "learning_rate": (0.001, "learning rate of the head's training"),
     "momentum": (0.0, "SGD momentum"),
     "epochs": (10, "maximum epochs"),
-    "batch_size": (32, "images per step"),
+    "batch_size": (32, "images per step (under a strategy: in all, split between the replicas)"),
     "patience": (3, "early-stopping patience on val_loss, in epochs; 0 turns early stopping off"),
     "restore_best_weights": (True, "early stopping restores the weights of the best val_loss epoch"),
     # fine-tuning: a second stage after the head is trained
@@ -58,6 +63,9 @@ DEFAULTS = {name: default for name, (default, _) in FIELDS.items()}
 
 # Keras's dtype policies that `precision` names: float32, or 16-bit compute with float32 variables.
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+# How a run uses the devices of one machine (tlkit/distribute.py).
+STRATEGIES = ("auto", "one", "mirrored")
 
 
 class SpecError(ValueError):
@@ -183,3 +191,5 @@ def validate(spec: dict) -> None:
     need(spec["data"] != "", "data must name 'cifar10', an image folder or an .npz file")
     need(spec["precision"] in PRECISIONS,
          f"precision must be one of {', '.join(PRECISIONS)}, got {spec['precision']!r}")
+    need(spec["strategy"] in STRATEGIES,
+         f"strategy must be one of {', '.join(STRATEGIES)}, got {spec['strategy']!r}")
