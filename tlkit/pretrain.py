@@ -68,9 +68,10 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     The file is written beside its final name and renamed into place: a reader never sees half a file.
     Nothing comes from the feature cache: the base changes every step.
     """
-    from tlkit import models
+    from tlkit import distribute, models
 
-    with models.precision(spec):  # the base and top built in the spec's precision
+    # The base and top built in the spec's precision, and in its strategy's scope.
+    with models.precision(spec), distribute.scope(spec):
         return _pretrain(spec, output, experiment, nested)
 
 
@@ -78,7 +79,7 @@ def _pretrain(spec: dict, output, experiment: str | None, nested: bool) -> tuple
     import keras
     import mlflow
 
-    from tlkit import evaluate, features, models, tracking
+    from tlkit import distribute, evaluate, features, models, tracking
     from tlkit.train import fit, load_dataset
 
     chosen = check_output(output)
@@ -100,7 +101,7 @@ def _pretrain(spec: dict, output, experiment: str | None, nested: bool) -> tuple
         network = models.build(spec, len(dataset.class_names), base_model)
         tracking.autolog()
         tags = {"tool": "pretrain", "base": spec["base"], "dataset": dataset.name, "dataset_digest": dataset.digest,
-                "classes": ",".join(dataset.class_names)}
+                "classes": ",".join(dataset.class_names), **distribute.tags()}
         with tracking.run(f"pretrain-{spec['base']}", nested=nested, tags=tags) as active:
             mlflow.set_tags(tags)
             tracking.log_params_once(spec)

@@ -245,10 +245,10 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
           nested: bool = False, dataset=None, cache_below_top: bool = False) -> Result:
     """Run one variant with a validated spec and log everything to MLflow, its layers built in the
-    spec's precision (models.precision). See _train."""
-    from tlkit import models
+    spec's precision (models.precision) and its strategy's scope (distribute.scope). See _train."""
+    from tlkit import distribute, models
 
-    with models.precision(spec):
+    with models.precision(spec), distribute.scope(spec):
         return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
                       cache_below_top=cache_below_top)
 
@@ -263,7 +263,7 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     import keras
     import mlflow
 
-    from tlkit import evaluate, features, models, spec as specs, tracking
+    from tlkit import distribute, evaluate, features, models, spec as specs, tracking
 
     tracking.use_experiment(experiment)
     tracking.check_reachable()
@@ -277,7 +277,7 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     tracking.autolog()
 
     tags = {"variant": Path(variant).stem, "base": spec["base"], "dataset": dataset.name,
-            "dataset_digest": dataset.digest}
+            "dataset_digest": dataset.digest, **distribute.tags()}
     if dataset.skipped_files:  # unreadable images, skipped with a warning: the run says how many
         tags["skipped_files"] = str(len(dataset.skipped_files))
     with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:

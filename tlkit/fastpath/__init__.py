@@ -16,7 +16,9 @@ call itself, `compiled` and `fit_arguments`) and infers through `predict`, and n
 TLKIT_PLAIN_KERAS=1 turns every lever off: `compile` with Keras's own optimizers and no prebuilt
 state, `fit` on the arrays through Keras's own data adapter (cached flips through a PyDataset),
 `predict`, the layers as built. Any result can be checked that way (tests/test_fastpath.py trains
-the same heads both ways and compares the histories).
+the same heads both ways and compares the histories). A tf.distribute strategy in use (the spec's
+`strategy`, tlkit/distribute.py) turns them off too: they are single-device tricks, and Keras's
+own ways distribute (tests/test_distribute.py).
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ MIRRORED = "x_train_mirrored"
 
 
 def plain_keras() -> bool:
-    """Whether TLKIT_PLAIN_KERAS asks for training the plain Keras way (every lever off)."""
-    return os.environ.get(PLAIN_KERAS_ENV, "").strip().lower() in ("1", "true", "yes")
+    """Whether to train the plain Keras way (every lever off): TLKIT_PLAIN_KERAS asks for it, or a
+    tf.distribute strategy is in use (distribute.in_use()). The levers were made and measured for
+    one device (fused kernels on one copy of a variable, state built before Keras's distributed
+    set-up, batches drawn outside Keras's split between replicas, eager inference on one device);
+    Keras's own compile, fit and predict run on every replica."""
+    from tlkit import distribute
+
+    return os.environ.get(PLAIN_KERAS_ENV, "").strip().lower() in ("1", "true", "yes") or distribute.in_use()
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.0):

@@ -30,15 +30,17 @@ class Prepared:
 
 
 def prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
-    """The data, the network and its frozen features (the cache's, or one pass of the base)."""
+    """The data, the network and its frozen features (the cache's, or one pass of the base), the
+    network made and run in the search's strategy's scope."""
     import keras
 
-    from tlkit import models, train
+    from tlkit import distribute, models, train
 
     dataset = dataset or train.load_dataset(spec)
     keras.utils.set_random_seed(spec["seed"])
-    network = models.build(spec, len(dataset.class_names))
-    return Prepared(dataset, network, train.frozen_features(network, dataset, spec, cache_dir))
+    with distribute.entered():
+        network = models.build(spec, len(dataset.class_names))
+        return Prepared(dataset, network, train.frozen_features(network, dataset, spec, cache_dir))
 
 
 def open_search(spec: dict, search: Search, prepared: Prepared, context: trials.Context, folder: Path):
@@ -62,11 +64,12 @@ def run_trials(tuner, fit_kwargs: dict) -> None:
 
 
 def tune(spec: dict, search: Search | None = None, **options) -> Result:
-    """Search the head over a validated spec, its layers in the spec's precision (models.precision);
-    log the best network on the parent run. The options are _tune's."""
-    from tlkit import models
+    """Search the head over a validated spec, its layers in the spec's precision (models.precision)
+    and on its strategy's devices (distribute.chosen: the tuner enters its scope for each trial, and
+    prepare and finish for the rest); log the best network on the parent run. The options are _tune's."""
+    from tlkit import distribute, models
 
-    with models.precision(spec):
+    with models.precision(spec), distribute.chosen(spec):
         return _tune(spec, search, **options)
 
 
@@ -84,7 +87,7 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
     import keras
     import mlflow
 
-    from tlkit import tracking, train
+    from tlkit import distribute, tracking, train
     from tlkit.spec import SpecError
 
     search = _settled(search, variant, settings)
@@ -112,7 +115,7 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
 
     tags = {"stage": "search", "variant": Path(variant).stem, "tuner": search.tuner, "base": spec["base"],
             "dataset": dataset.name, "dataset_digest": dataset.digest, "search_key": key,
-            "search_dir": str(folder.resolve()), **train.feature_tags(cached, network)}
+            "search_dir": str(folder.resolve()), **train.feature_tags(cached, network), **distribute.tags()}
     with tracking.run(Path(variant).stem, nested=nested, tags=tags, run_id=parent_id) as active:
         parent = active.info.run_id
         resume.write_state(folder, {"key": key, "identity": what, "parent_run_id": parent,
@@ -131,7 +134,8 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
         else:
             run_trials(tuner, fit_kwargs)
         keras.utils.set_random_seed(spec["seed"])
-        return finish(tuner.oracle, context, spec, search, prepared, parent)
+        with distribute.entered():  # the best network built on the strategy's devices, as the trials were
+            return finish(tuner.oracle, context, spec, search, prepared, parent)
 
 
 def _settled(search: Search | None, variant: str, settings: dict) -> Search:
@@ -200,10 +204,10 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
 
 
 def work(spec: dict, search: Search | None = None, **options) -> tuple[str, int]:
-    """A worker's trials (_work), its layers in the spec's precision."""
-    from tlkit import models
+    """A worker's trials (_work), its layers in the spec's precision, on its strategy's devices."""
+    from tlkit import distribute, models
 
-    with models.precision(spec):
+    with models.precision(spec), distribute.chosen(spec):
         return _work(spec, search, **options)
 
 

@@ -95,8 +95,11 @@ def check(spec: dict, search: Search, workers: int = 0) -> None:
 
 def identity(spec: dict, dataset_digest: str, search: Search) -> dict:
     """What makes two searches the same one. The data is known by its digest, not its path, so a
-    worker on another machine may keep the images elsewhere; `workers` is how, not what."""
-    return {"format": FORMAT_VERSION, "spec": {k: v for k, v in spec.items() if k not in search.space and k != "data"},
+    worker on another machine may keep the images elsewhere; `workers` is how, not what, and so is
+    `strategy` (the same global batches on any devices: tlkit/distribute.py), so a search resumes
+    or takes workers on a machine with other GPUs."""
+    how = ("data", "strategy")
+    return {"format": FORMAT_VERSION, "spec": {k: v for k, v in spec.items() if k not in search.space and k not in how},
             "dataset_digest": dataset_digest, "search_space": search.space, "objective": OBJECTIVE,
             "tuner": search.tuner, "max_trials": search.max_trials, "executions_per_trial": search.executions_per_trial}
 

@@ -172,16 +172,25 @@ def tuner_class(kind: str) -> type:
 def make_tuner(kind: str, build, context: Context, folder: Path, *, max_trials: int, executions_per_trial: int,
                epochs: int, **tuner_options):
     """A tracked tuner whose state lives in `folder` (reloaded when it exists). tuner_options go to
-    keras-tuner as they are (max_model_size, max_consecutive_failed_trials, ...)."""
+    keras-tuner as they are (max_model_size, max_consecutive_failed_trials, ...).
+
+    The search's strategy (distribute.current()) goes to keras-tuner, which builds each trial's model
+    in its scope: a scope opened around the search would not last, since keras-tuner clears
+    TensorFlow's graph (keras.backend.clear_session) before every trial."""
+    from tlkit import distribute
+
     options = dict(hypermodel=build, objective=OBJECTIVE, seed=context.seed, executions_per_trial=executions_per_trial,
-                   directory=str(folder.parent), project_name=folder.name, overwrite=False, **tuner_options)
+                   directory=str(folder.parent), project_name=folder.name, overwrite=False,
+                   distribution_strategy=distribute.current(), **tuner_options)
     if kind == "hyperband":
         options.update(max_epochs=epochs, factor=HYPERBAND_FACTOR)
     else:
         options["max_trials"] = max_trials
     # Named "chief" in one process too: the process that owns the oracle saves it under one name, so a
     # search started with workers resumes in one process and the other way round.
-    with _environment(KERASTUNER_TUNER_ID=os.environ.get("KERASTUNER_TUNER_ID", "chief")):
+    # In the scope too: keras-tuner builds a model here to learn the space (trained never, but made
+    # like every other model of the search).
+    with _environment(KERASTUNER_TUNER_ID=os.environ.get("KERASTUNER_TUNER_ID", "chief")), distribute.entered():
         tuner = tuner_class(kind)(context=context, **options)
     if kind == "hyperband":
         tuner.oracle.max_trials = max_trials
