@@ -174,6 +174,18 @@ for args in json.loads(sys.argv[1]):
     results.append({"exit_code": result.exit_code, "output": result.output[-3000:],
                     "levers": levers[-1], "seconds": round(time.monotonic() - start, 1)})
 print("RESULTS " + json.dumps(results))
+
+# One batch of 5 rows predicted on the two replicas, Keras's way and distribute's.
+import keras
+
+from tlkit import distribute
+
+with distribute.scope({"strategy": "mirrored"}):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    batch = np.arange(20, dtype="float32").reshape(5, 4)
+    ours = distribute.predict_on_batch(model, batch)
+    print("PROBE " + json.dumps({"keras_rows": len(model.predict_on_batch(batch)), "rows": len(ours),
+                                 "max_error": float(np.abs(ours - np.asarray(model(batch))).max())}))
 '''
 
 # Quick training that still learns: the base's own preprocessing (Caffe's mean subtraction) gives
@@ -197,7 +209,8 @@ COMMANDS = {
 @pytest.fixture(scope="module")
 def two_replica_runs(image_folder, tmp_path_factory) -> dict:
     """Every command of COMMANDS (experiment = its key) in one process on two logical CPUs; per
-    key: exit code, output, the door's levers, seconds. MLFLOW_TRACKING_URI points at its store."""
+    key: exit code, output, the door's levers, seconds; and `probe`, one batch predicted there.
+    MLFLOW_TRACKING_URI points at its store."""
     folder = tmp_path_factory.mktemp("two-replicas")
     uri = f"sqlite:///{folder}/mlflow.db"
     commands = [[*args, "--data", str(image_folder), "--experiment", key] for key, args in COMMANDS.items()]
@@ -207,9 +220,10 @@ def two_replica_runs(image_folder, tmp_path_factory) -> dict:
     env.pop(fastpath.PLAIN_KERAS_ENV, None)
     done = subprocess.run([sys.executable, "-c", TWO_CPUS, json.dumps(commands)], capture_output=True, text=True,
                           env=env, cwd=folder, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    results = dict(zip(COMMANDS, json.loads(lines[-1][len("RESULTS "):])))
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines()
+             if line.startswith(("RESULTS ", "PROBE "))}
+    assert done.returncode == 0 and len(lines) == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    results = dict(zip(COMMANDS, json.loads(lines["RESULTS"])), probe=json.loads(lines["PROBE"]))
     mlflow.set_tracking_uri(uri)
     try:
         yield results
@@ -229,12 +243,15 @@ def finished(results: dict, key: str):
 
 def assert_plain_keras_on_two_replicas(levers: list) -> None:
     """Every compile Keras's own optimizer, one step a call, the layers as built, on 2 replicas;
-    every fit on what Keras's own adapters take."""
+    every fit on what Keras's own adapters take: arrays, the PyDataset of cached flips, or the
+    streamed images' tf.data batches (an image folder: plain Keras reads the files the same way,
+    and Keras splits each batch between the replicas)."""
     compiles = [lever for lever in levers if "optimizer" in lever]
     assert compiles and all(lever["optimizer"] == "keras.src.optimizers.adam.Adam" and lever["steps"] == 1
                             and lever["replicas"] == 2 for lever in compiles), compiles
     assert not {"CentreTap", "Im2colConv2D"} & {name for lever in compiles for name in lever["layers"]}
-    assert all(lever["x"] in ("arrays", "MirroredDraws") for lever in levers if "x" in lever), levers
+    assert all(lever["x"] in ("arrays", "MirroredDraws") or lever["x"].endswith("Dataset")
+               for lever in levers if "x" in lever), levers
 
 
 # Two replicas take the same global batches as one device (4 images each of a batch of 8) and sum
@@ -301,3 +318,13 @@ def test_a_search_trains_its_trials_on_two_replicas(two_replica_runs):
                                 filter_string="tags.stage = 'trial' and attributes.status = 'FINISHED'")
     assert len(trials) == 1 and "test_accuracy" in run.data.metrics
     assert_plain_keras_on_two_replicas(two_replica_runs["tune"]["levers"])
+
+
+@pytest.mark.e2e
+def test_the_feature_pass_predicts_each_row_once_on_two_replicas(two_replica_runs):
+    """Keras's predict_on_batch gives every replica the whole batch and returns each row's
+    outputs once per replica; distribute.predict_on_batch, which the feature pass calls, splits the
+    batch and returns each row's once, the model's own outputs (the baseline's losses above agree
+    with one device's only if its features do)."""
+    probe = two_replica_runs["probe"]
+    assert probe["rows"] == 5 and probe["max_error"] < 1e-5, probe

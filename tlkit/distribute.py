@@ -17,8 +17,9 @@ the learning rate) in the spec, where the change is seen and logged.
 Everything that makes variables, the network (models.build, load_base, head_model, extractor),
 the optimizer and a training view, must be made inside the strategy's scope: Keras reads the
 strategy from the scope at a model's and an optimizer's creation, and fit, predict and evaluate
-then run on every replica, the feature pass (the extractor's predict) too. train, pretrain and
-tune open `scope(spec)` around all of it. keras-tuner empties TensorFlow's graph at every trial
+then run on every replica. The feature pass goes a batch at a time through predict_on_batch below,
+which splits each batch between the replicas. train, pretrain and tune open `scope(spec)` around
+all of it. keras-tuner empties TensorFlow's graph at every trial
 (keras.backend.clear_session), which drops any scope open around it: a search instead hands its
 tuner `current()` (keras-tuner's public `distribution_strategy`, which enters the scope for each
 trial's model) and opens the scope for its own work only (`entered()`).
@@ -101,6 +102,25 @@ def tags() -> dict[str, str]:
     if strategy is None:
         return {"strategy": "one", "replicas": "1"}
     return {"strategy": "mirrored", "replicas": str(strategy.num_replicas_in_sync)}
+
+
+def predict_on_batch(model, batch):
+    """model.predict_on_batch(batch), the batch split between the replicas of the current run's
+    strategy. Keras's own predict_on_batch (3.15) hands every replica the whole batch and
+    concatenates what they return: each row's outputs num_replicas times over
+    (tests/test_distribute.py). Here each replica gets its part (its rows, in order) as the
+    distributed value Keras's predict step runs on, so the step stays Keras's own (XLA under `jit`)
+    and the outputs come back one per row, in the batch's order."""
+    import numpy as np
+    import tensorflow as tf
+
+    strategy = current()
+    if strategy is None:
+        return model.predict_on_batch(batch)
+    parts = np.array_split(np.asarray(batch), strategy.num_replicas_in_sync)
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
+    return model.predict_on_batch(per_replica)
 
 
 @contextlib.contextmanager

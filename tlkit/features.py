@@ -109,13 +109,14 @@ class LocalPass:
 
     def features(self, fields: dict, extractor, images: dict, batch_size: int):
         """(split, features of the next batch) for every batch of every split, in order."""
-        from tlkit import stream
+        from tlkit import distribute, stream
 
         for split, x in images.items():
             for batch in stream.batches(x, batch_size):
-                # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, every
-                # replica under a distribution strategy), one batch at a time, so nothing accumulates.
-                yield split, extractor.predict_on_batch(batch)
+                # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, the
+                # batch split between the replicas under a distribution strategy: distribute.py),
+                # one batch at a time, so nothing accumulates.
+                yield split, distribute.predict_on_batch(extractor, batch)
 
 
 @dataclass
