@@ -105,6 +105,10 @@ def check(spec: dict, variant: str, engine: str, workers: int, gpus_per_worker: 
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise SpecError(f"gpus-per-worker must be 0 or more and cpus-per-worker above 0, got {gpus_per_worker} "
                         f"and {cpus_per_worker}")
+    if engine == "ray" and spec.get("strategy") == "mirrored":
+        # Ray's actors are the pass's parallelism, each with its own GPUs (--gpus-per-worker).
+        raise SpecError("--strategy mirrored is for this machine's pass (--engine local); with --engine ray "
+                        "give each worker its GPUs with --gpus-per-worker")
     if engine == "ray":
         try:
             import ray.data  # noqa: F401
@@ -127,9 +131,10 @@ def make_features(variant: str, spec: dict, *, engine: str = "ray", address: str
     with connected(address, workers, cpus_per_worker) if engine == "ray" else nullcontext():
         import keras  # after the checks and the connection: they fail in a second, TensorFlow takes several to load
 
-        from tlkit import models, train
+        from tlkit import distribute, models, train
 
-        with models.precision(spec):  # the entries' features in the spec's precision, as train builds them
+        # The entries' features in the spec's precision, and here on its strategy's devices, as train builds them.
+        with models.precision(spec), distribute.scope(spec) if engine == "local" else nullcontext():
             keras.utils.set_random_seed(spec["seed"])
             # The base first, as train does: a weights file that does not fit fails before the data is read.
             base = models.load_base(spec["base"], spec["weights"], spec["image_size"], spec["seed"])
