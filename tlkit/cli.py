@@ -223,7 +223,7 @@ def features_command(variant: str, engine: str, address: str | None, workers: in
         what = f"{done.boundary} ({done.transform})" if done.transform else done.boundary
         click.echo(f"{engine}: {done.images} images at {what} in {done.seconds:.1f} s "
                    f"({done.images / max(done.seconds, 1e-9):.0f} images/s) -> entry {done.key}")
-    by = made.made_by or {}
+    by = made.made_by
     click.echo(f"features for {specs.variant_path(variant).stem}: entry {made.key} at {made.boundary} ({made.outcome}; "
                f"made by {by.get('engine', 'local')}, {by.get('workers', 1)} worker(s))")
 

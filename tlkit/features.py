@@ -132,7 +132,7 @@ class Features:
     # The features of the training images mirrored left to right (the spec's `flip`), same order.
     train_mirrored: np.ndarray | None = None
     # What computed them: {"engine": "local"|"ray", "workers": n, ...} (meta.json's "made_by").
-    made_by: dict = field(default_factory=dict)
+    made_by: dict = field(default_factory=lambda: dict(LocalPass.made_by))
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -180,7 +180,8 @@ class FeatureCache:
             shutil.rmtree(entry, ignore_errors=True)
             return None
         return Features(train=arrays["train"], val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True,
-                        made_by=meta.get("made_by", {}))
+                        # Entries older than made_by were all made by this process's pass.
+                        made_by=meta.get("made_by") or LocalPass.made_by)
 
     def sweep_dead_writers(self) -> list[Path]:
         """Remove the temporary folders of writers that died (killed, out of memory, power cut).

@@ -25,20 +25,13 @@ SCAN_BATCH = 64  # images per decode task when loading scans a folder
 def reader(images, with_unreadable: bool = False):
     """A numpy function: rows (int64) -> images[rows] (and the positions of unreadable files). The one
     way rows are read, here in tf.data and in cluster.py's Ray workers, so both passes see the same pixels."""
-    from tlkit.data import DataError
-
     def read(rows):
+        if not with_unreadable:
+            # ImageFiles[rows] names a file that can no longer be read (changed since loading).
+            return np.ascontiguousarray(images[rows])
         if isinstance(images, ImageFiles):
-            batch, unreadable = images.decode(rows)
-        else:
-            batch, unreadable = np.ascontiguousarray(images[rows]), np.zeros(0, np.int64)
-        if with_unreadable:
-            return batch, unreadable
-        if len(unreadable):
-            # Loading found every file readable; one that fails now was changed or removed since.
-            raise DataError(f"{images.paths[rows[unreadable[0]]]}: can no longer be read (the folder changed "
-                            "after it was loaded)")
-        return batch
+            return images.decode(rows)
+        return np.ascontiguousarray(images[rows]), np.zeros(0, np.int64)
 
     return read
 

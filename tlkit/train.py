@@ -187,9 +187,7 @@ def feature_tags(cached, network) -> dict:
     """A run's tags for the features it trained on (frozen_features' result): found, derived or
     computed, their entry and boundary, and who ran the base over the images (this process, or
     `tlkit features --engine ray` before it) with how many workers."""
-    from tlkit import features
-
-    made_by = cached.made_by or features.LocalPass.made_by  # entries older than made_by were all made locally
+    made_by = cached.made_by
     return {"feature_cache": "derived" if cached.derived_from else "hit" if cached.hit else "miss",
             "feature_cache_key": cached.key, "feature_boundary": network.boundary,
             "feature_engine": made_by["engine"], "feature_workers": str(made_by.get("workers", 1))}
@@ -218,7 +216,7 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
         arrays = {split: fastpath.predict(top, getattr(lower, split)) for split in lower.splits}
         # Made by the pass that made `lower` (the top block here is a small part of the work), and said so.
         cache.write(features.key_of(top_fields), top_fields, arrays,
-                    made_by={**(lower.made_by or features.LocalPass.made_by), "derived_from": lower.key})
+                    made_by={**lower.made_by, "derived_from": lower.key})
         derived = cache.read(features.key_of(top_fields))
         derived.hit, derived.derived_from = False, lower.key
         return derived
