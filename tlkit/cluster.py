@@ -266,6 +266,7 @@ class BaseWorker:
             keras.utils.set_random_seed(spec["seed"])  # as train and make_features do: 'none' weights are the seed's
             network = models.build(spec, num_classes, models.load_base(spec["base"], spec["weights"],
                                                                        spec["image_size"], spec["seed"]))
+            layer = models.layer_named(network.base, layer)  # the key's name for it (models.layer_key)
             # The extractor train would use for this boundary (frozen_features): the network's own, or a cut.
             self.extractor = network.extractor if layer == network.boundary else models.extractor_to(network, spec,
                                                                                                       layer)

@@ -14,6 +14,7 @@ takes raw pixels and a user never has to reproduce it.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,21 +25,34 @@ class BaseInfo:
     module: str  # keras.applications submodule: its constructor and preprocess_input
     constructor: str
     last_block: str  # layer-name prefix of the block that fine-tuning unfreezes by default
+    # A layer's block id is group 1 of this pattern on its name (VGG16's block5_conv1 -> block5):
+    # the blocks, in order, are what `unfreeze = "topK"` counts from the top.
+    block_pattern: str = r"^(block\d+)_"
     min_image_size: int = 32  # keras.applications refuses smaller inputs
+    trained_size: int = 224  # the input size its ImageNet weights were trained at
     # keras.applications builds the pixel scaling into these bases (they take 0-255): preprocess
     # 'unit' would hand them [0, 1] images, nearly constant after their own scaling.
     scales_pixels_itself: bool = False
 
 
 BASES = {
-    "VGG16": BaseInfo("vgg16", "VGG16", "block5"),
-    "ResNet50": BaseInfo("resnet50", "ResNet50", "conv5"),
-    "MobileNetV2": BaseInfo("mobilenet_v2", "MobileNetV2", "block_16"),
-    "EfficientNetB0": BaseInfo("efficientnet", "EfficientNetB0", "block7", scales_pixels_itself=True),
+    "VGG16": BaseInfo("vgg16", "VGG16", "block5"),  # block1 ... block5
+    "ResNet50": BaseInfo("resnet50", "ResNet50", "conv5", r"^(conv\d+)_"),  # stages conv2 ... conv5
+    "MobileNetV2": BaseInfo("mobilenet_v2", "MobileNetV2", "block_16", r"^(block_\d+)_"),
+    # block7a; block6 is 6a ... 6d: a block here is a stage of sub-blocks.
+    "EfficientNetB0": BaseInfo("efficientnet", "EfficientNetB0", "block7", r"^(block\d+)[a-z]_",
+                               scales_pixels_itself=True),
     # 0.9M parameters, 846 training images/s at 32x32 on 2 CPU cores (VGG16: 70): small enough to
     # pre-train here (benchmarks/transfer.py). Its last block is expanded_conv_10 (then conv_1).
-    "MobileNetV3Small": BaseInfo("mobilenet_v3", "MobileNetV3Small", "expanded_conv_10", scales_pixels_itself=True),
+    "MobileNetV3Small": BaseInfo("mobilenet_v3", "MobileNetV3Small", "expanded_conv_10",
+                                 r"^(expanded_conv(?:_\d+)?)_", scales_pixels_itself=True),
+    # Entry flow block1-4, middle flow block5-12, exit flow block13-14; the residual branches'
+    # layers have Keras's automatic names (conv2d_3, add_10), so cuts are found by shape, not name.
+    "Xception": BaseInfo("xception", "Xception", "block14", min_image_size=71, trained_size=299),
 }
+
+# unfreeze = "top1", "top2", ...: the top one, two, ... blocks of whichever base (block_ids).
+DEPTH = re.compile(r"^top([1-9][0-9]*)$")
 
 
 class ModelError(ValueError):
@@ -156,16 +170,81 @@ def augmentation_layers():
             layers.RandomTranslation(0.1, 0.1, name="augment_translate")]
 
 
-def boundary_layer(base_model, unfreeze: str) -> str:
-    """The last frozen layer: the base's output, or the layer just below the unfrozen block."""
+def block_ids(base_model, base: str) -> list[str]:
+    """The base's blocks, bottom to top, by the ids its layer names carry (BaseInfo.block_pattern)."""
+    pattern, ids = re.compile(BASES[base].block_pattern), []
+    for layer in base_model.layers:
+        found = pattern.match(layer.name)
+        if found and found.group(1) not in ids:
+            ids.append(found.group(1))
+    return ids
+
+
+def unfrozen_block(base_model, base: str, unfreeze: str) -> str:
+    """What `unfreeze` names as a layer-name prefix: 'topK' is the K-th block from the top."""
+    depth = DEPTH.match(unfreeze)
+    if not depth:
+        return unfreeze
+    ids = block_ids(base_model, base)
+    if int(depth.group(1)) > len(ids):
+        raise ModelError(f"unfreeze {unfreeze!r}: {base} has {len(ids)} blocks ({ids[0]} ... {ids[-1]})")
+    return ids[-int(depth.group(1))]
+
+
+def _can_cut_at(base_model, index: int) -> bool:
+    """Whether everything above layer `index` depends on the base's input only through its output."""
+    import keras
+
+    try:
+        keras.Model(base_model.layers[index].output, base_model.output)
+        return True
+    except ValueError:  # "Graph disconnected": a layer above reads a tensor from below the cut
+        return False
+
+
+def boundary_layer(base_model, unfreeze: str, base: str | None = None) -> str:
+    """The last frozen layer: the base's output, or the layer just below the unfrozen block
+    (`unfreeze`: a layer-name prefix, or 'topK' with `base`, the base's name).
+
+    Just below means the highest layer whose output alone feeds everything above it: in a base
+    with residual branches (ResNet50's stages, Xception's blocks) the branch's first layer may be
+    listed before the block's own, and the cut goes below both."""
     if not unfreeze:
         return base_model.layers[-1].name
+    if DEPTH.match(unfreeze) and base is None:
+        raise ModelError(f"unfreeze {unfreeze!r} counts blocks: the base's name is needed")
+    prefix = unfrozen_block(base_model, base, unfreeze) if base else unfreeze
+    pattern = re.compile(BASES[base].block_pattern) if base else None
     names = [layer.name for layer in base_model.layers]
-    first = next((i for i, name in enumerate(names) if name.startswith(unfreeze)), None)
+
+    def in_block(name: str) -> bool:
+        found = pattern.match(name) if pattern else None
+        return found.group(1) == prefix if found else name.startswith(prefix)
+
+    first = next((i for i, name in enumerate(names) if in_block(name)), None)
     if first is None or first == 0:
-        blocks = sorted({n.split("_")[0] for n in names if "_" in n})
-        raise ModelError(f"unfreeze {unfreeze!r} names no block of {base_model.name}; its blocks: {', '.join(blocks)}")
-    return names[first - 1]
+        known = block_ids(base_model, base) if base else sorted({n.split("_")[0] for n in names if "_" in n})
+        raise ModelError(f"unfreeze {unfreeze!r} names no block of {base_model.name}; its blocks: "
+                         f"{', '.join(known)} (or top1, top2, ...)")
+    cut = next((i for i in range(first - 1, 0, -1) if _can_cut_at(base_model, i)), None)
+    if cut is None:
+        raise ModelError(f"{base_model.name} cannot be cut below {unfreeze!r}")
+    return names[cut]
+
+
+def layer_key(base_model, name: str) -> str:
+    """A boundary's name for the feature cache's key: the layer's own name, or its position where
+    Keras named it automatically (Xception's add_10 is add_22 in a process that built one before)."""
+    if re.search(r"_\d+$", name) and not any(re.match(info.block_pattern, name) for info in BASES.values()):
+        index = [layer.name for layer in base_model.layers].index(name)
+        return f"layer{index}:{name.rsplit('_', 1)[0]}"
+    return name
+
+
+def layer_named(base_model, key: str) -> str:
+    """The layer a boundary's cache-key name (layer_key) stands for in this build of the base."""
+    found = re.match(r"^layer(\d+):", key)
+    return base_model.layers[int(found.group(1))].name if found else key
 
 
 @dataclass
@@ -187,7 +266,7 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
 
     size = spec["image_size"]
     base_model = base_model or load_base(spec["base"], spec["weights"], size, spec["seed"])
-    boundary = boundary_layer(base_model, spec["unfreeze"])
+    boundary = boundary_layer(base_model, spec["unfreeze"], spec["base"])
     cut = base_model.get_layer(boundary).output
     lower = keras.Model(base_model.input, cut, name=f"{base_model.name}_frozen")
     # trainable_base: the whole base trains from the first epoch (from scratch, or pre-training).

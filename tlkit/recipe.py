@@ -146,7 +146,7 @@ def search(overrides: dict, *, stages=None, experiment: str | None = None, cache
                     try:
                         # Frozen runs cache below the top block: the fine-tuning stage reuses their pass.
                         result = train.train(str(path), spec, cache_dir=cache_dir, nested=True,
-                                             dataset=dataset_for(spec), cache_below_top=True)
+                                             dataset=dataset_for(spec), cache_below="top1")
                         attempt.run_id, attempt.val_accuracy = result.run_id, result.val_accuracy
                         attempt.test_accuracy = result.test_accuracy
                         mlflow.MlflowClient().set_tag(result.run_id, "recipe_stage", stage)

@@ -42,7 +42,8 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train
 
     callbacks = []
     if spec["patience"] > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=spec["patience"], mode="min",
+        mode = "min" if spec["monitor"] == "val_loss" else "max"
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=spec["monitor"], patience=spec["patience"], mode=mode,
                                                        restore_best_weights=spec["restore_best_weights"], verbose=1))
     fit = dict(x=x_train, y=y_train, batch_size=spec["batch_size"], validation_data=(x_val, y_val),
                epochs=epochs, callbacks=callbacks, verbose=2)
@@ -58,7 +59,8 @@ def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float, on_f
     from tlkit import fastpath, models
 
     trainable, frozen = models.parameter_counts(model)
-    log.info("training %s: %d trainable, %d frozen parameters, lr %g", model.name, trainable, frozen, learning_rate)
+    log.info("training %s: %d trainable, %d frozen parameters, lr %s", model.name, trainable, frozen,
+             f"{learning_rate:g}" if isinstance(learning_rate, float) else type(learning_rate).__name__)
     options = fit_options(spec, inputs["train"], dataset.y_train, inputs["val"], dataset.y_val, epochs,
                           inputs.get("train_mirrored"))
     return fastpath.fit(model, spec, options, learning_rate=learning_rate, on_features=on_features)
@@ -91,9 +93,22 @@ def _train_stages(network, model, inputs, dataset, spec, on_features: bool,
         with tracking.run("finetune", nested=True, tags={"stage": "finetune", "unfrozen": spec["unfreeze"]}):
             mlflow.log_param("unfrozen", spec["unfreeze"])
             more = fit(model, inputs, dataset, spec, epochs=spec["finetune_epochs"],
-                       learning_rate=spec["finetune_learning_rate"], on_features=on_features)
+                       learning_rate=finetune_learning_rate(spec, len(dataset.y_train)), on_features=on_features)
         history = {k: history.get(k, []) + more.get(k, []) for k in set(history) | set(more)}
     return history, starts
+
+
+def finetune_learning_rate(spec: dict, train_images: int):
+    """The fine-tuning stage's learning rate: the spec's, constant, or a cosine decay from it to 0
+    over the stage's steps (finetune_schedule)."""
+    import math
+
+    import keras
+
+    if spec["finetune_schedule"] == "constant":
+        return spec["finetune_learning_rate"]
+    steps = spec["finetune_epochs"] * math.ceil(train_images / spec["batch_size"])
+    return keras.optimizers.schedules.CosineDecay(spec["finetune_learning_rate"], decay_steps=max(steps, 1))
 
 
 @contextlib.contextmanager
@@ -149,22 +164,24 @@ def mirrored(images):
     return np.ascontiguousarray(images[:, :, ::-1])
 
 
-def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below_top: bool = False,
+def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below: str = "",
                     engine=None):
     """The extractor's outputs for the train, val and test images: from the cache, or computed once.
 
     finetune and the frozen variants share one pass of the base. finetune caches below the block
     it unfreezes (VGG16: block4_pool) and, from those, also stores the base's output: the top block
-    is cheap (VGG16's block5 at 2x2 is under a tenth of the pass). A frozen variant that finds the
-    lower entry derives its features from it the same way instead of running the base again.
+    is cheap (VGG16's block5 at 2x2 is under a tenth of the pass). A network whose boundary is
+    higher than an entry already made (a frozen variant after finetune, fine-tuning one block after
+    a pass cut below two) derives its features from that entry instead of running the base again.
 
     With the spec's `flip`, the training images' mirror images get entries of their own (the
     training split alone, the key's `transform` 'hflip'), made and shared the same way: one more
     pass over the training images buys flips for every epoch of every variant after it.
 
-    cache_below_top: where a frozen variant's features are not cached, its pass stops below the
-    top block (as finetune's does), stores those, and derives its own from them: a fine-tuning
-    run on the same images later finds its features instead of making a second pass.
+    cache_below: an `unfreeze` value (a block prefix, 'top2'). Where the network's features are
+    not cached, the pass stops below that block, stores those, and derives the network's own from
+    them: fine-tuning runs down to that depth later find their features instead of making a pass
+    of their own (the recipe search caches below its deepest fine-tuning candidate).
 
     engine: what runs a pass on a miss (features.LocalPass by default; cluster.RayPass makes the
     same entries on Ray, looked up here by the same rules, so a run after it finds them all).
@@ -173,10 +190,10 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
 
     cache = features.FeatureCache(cache_dir)
     images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
-    got = _cached_features(network, dataset, spec, cache, images, "", cache_below_top, engine)
+    got = _cached_features(network, dataset, spec, cache, images, "", cache_below, engine)
     if spec["flip"]:
         flipped = _cached_features(network, dataset, spec, cache, {"train": mirrored(dataset.x_train)}, "hflip",
-                                   cache_below_top, engine)
+                                   cache_below, engine)
         got.train_mirrored = flipped.train
         if got.base_output is not None:
             got.base_output.train_mirrored = flipped.base_output.train
@@ -194,70 +211,80 @@ def feature_tags(cached, network) -> dict:
 
 
 def _cached_features(network, dataset, spec: dict, cache, images: dict, transform: str = "",
-                     cache_below_top: bool = False, engine=None):
+                     cache_below: str = "", engine=None):
     """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
     import keras
 
     from tlkit import fastpath, features, models
 
+    base = network.base
+    names = [layer.name for layer in base.layers]
+
     def fields_at(boundary: str) -> dict:
-        fields = features.key_fields(spec, dataset.digest, boundary)
+        fields = features.key_fields(spec, dataset.digest, models.layer_key(base, boundary))
         if transform:  # untransformed entries keep the keys they always had
             fields["transform"] = transform
         return fields
 
-    fields = fields_at(network.boundary)
-    base = network.base
-    output_layer = base.layers[-1].name
-    shared_cut = models.boundary_layer(base, models.BASES[spec["base"]].last_block)
-    top_fields = fields_at(output_layer)
-
-    def derive(lower: features.Features, top) -> features.Features:
-        arrays = {split: fastpath.predict(top, getattr(lower, split)) for split in lower.splits}
-        # Made by the pass that made `lower` (the top block here is a small part of the work), and said so.
-        cache.write(features.key_of(top_fields), top_fields, arrays,
+    def derive(lower: features.Features, lower_at: str, upper_at: str, block=None) -> features.Features:
+        """The features at `upper_at` computed from an entry at `lower_at` below it, and stored."""
+        block = block or keras.Model(base.get_layer(lower_at).output, base.get_layer(upper_at).output)
+        log.info("feature cache: deriving %s features from the %s entry", upper_at, lower_at)
+        arrays = {split: fastpath.predict(block, getattr(lower, split)) for split in lower.splits}
+        # Made by the pass that made `lower` (the blocks above it are a small part of the work), and said so.
+        cache.write(features.key_of(fields_at(upper_at)), fields_at(upper_at), arrays,
                     made_by={**lower.made_by, "derived_from": lower.key})
-        derived = cache.read(features.key_of(top_fields))
+        derived = cache.read(features.key_of(fields_at(upper_at)))
         derived.hit, derived.derived_from = False, lower.key
         return derived
 
-    if network.boundary == output_layer:
-        if not cache.has(features.key_of(fields)):
-            lower = cache.read(features.key_of(fields_at(shared_cut)))
-            if lower is None and cache_below_top and shared_cut != output_layer:
-                lower = cache.get(fields_at(shared_cut), models.extractor_to(network, spec, shared_cut), images,
-                                  engine=engine)
+    def features_at(boundary: str, extractor) -> features.Features:
+        """The features at `boundary`: found, derived from an entry below it, or from a pass."""
+        if cache.has(features.key_of(fields_at(boundary))):
+            return cache.get(fields_at(boundary), extractor, images, engine=engine)
+        # Entries that can serve this boundary: below the asked depth, below the base's top block.
+        below = [models.boundary_layer(base, unfreeze, spec["base"])
+                 for unfreeze in (cache_below, models.BASES[spec["base"]].last_block) if unfreeze]
+        below = [cut for cut in below if names.index(cut) < names.index(boundary)]
+        for cut in below:
+            lower = cache.read(features.key_of(fields_at(cut)))
             if lower is not None:
-                log.info("feature cache: deriving %s features from the %s entry", output_layer, shared_cut)
-                return derive(lower, keras.Model(base.get_layer(shared_cut).output, base.output))
-        return cache.get(fields, network.extractor, images, engine=engine)
+                return derive(lower, cut, boundary)
+        if below and cache_below:  # pass to the deepest asked-for cut, and derive this one
+            deepest = min(below, key=names.index)
+            lower = cache.get(fields_at(deepest), models.extractor_to(network, spec, deepest), images, engine=engine)
+            return derive(lower, deepest, boundary)
+        return cache.get(fields_at(boundary), extractor, images, engine=engine)
 
-    got = cache.get(fields, network.extractor, images, engine=engine)
+    got = features_at(network.boundary, network.extractor)
     if network.upper is not None:
         # The base's output for fine-tuning's first stage, from these features through the block(s)
         # above, still at the loaded weights (fine-tuning has not started).
-        got.base_output = cache.read(features.key_of(top_fields)) or derive(got, network.upper)
+        output_layer = names[-1]
+        got.base_output = cache.read(features.key_of(fields_at(output_layer))) or \
+            derive(got, network.boundary, output_layer, network.upper)
     return got
 
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
-          nested: bool = False, dataset=None, cache_below_top: bool = False) -> Result:
+          nested: bool = False, dataset=None, cache_below: str = "") -> Result:
     """Run one variant with a validated spec and log everything to MLflow, its layers built in the
     spec's precision (models.precision) and its strategy's scope (distribute.scope). See _train."""
     from tlkit import distribute, models
 
     with models.precision(spec), distribute.scope(spec):
         return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
-                      cache_below_top=cache_below_top)
+                      cache_below=cache_below)
 
 
 def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str | None, nested: bool, dataset,
-           cache_below_top: bool) -> Result:
+           cache_below: str) -> Result:
     """Run one variant with a validated spec and log everything to MLflow.
 
     dataset: load_dataset(spec) done already (a suite loads once for all its children).
-    cache_below_top: a frozen variant's pass stores the features below the base's top block too
-    (frozen_features), for a fine-tuning run after it on the same images (the recipe search)."""
+    cache_below: where the features are not cached, the pass stops below this block (an
+    `unfreeze` value) and derives the network's own from there (frozen_features), for fine-tuning
+    runs after it on the same images (the recipe search)."""
     import keras
     import mlflow
 
@@ -293,7 +320,7 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
             model, inputs = network.full, {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
             on_features = False
         else:
-            cached = frozen_features(network, dataset, spec, cache_dir, cache_below_top)
+            cached = frozen_features(network, dataset, spec, cache_dir, cache_below)
             mlflow.set_tags(feature_tags(cached, network))
             model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test,
                                                 "train_mirrored": cached.train_mirrored}

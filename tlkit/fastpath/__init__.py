@@ -87,8 +87,13 @@ def compiled(model, spec: dict, learning_rate: float, *, on_features: bool):
     view = training_view(model)
     steps = HEAD_STEPS_PER_EXECUTION if on_features and not plain else 1
     # jit: XLA for the training steps; off, Keras's own choice ("auto": XLA on a GPU, none on a CPU).
+    import keras
+
+    smoothing = spec.get("label_smoothing", 0.0)
+    # The seed's loss by its name where nothing changes it, so autolog logs what it always did.
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing else "categorical_crossentropy"
     view.compile(optimizer=optimizer(spec["optimizer"], learning_rate, spec["momentum"]),
-                 loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps,
+                 loss=loss, metrics=["accuracy"], steps_per_execution=steps,
                  jit_compile=True if spec.get("jit") else "auto")
     if not plain:
         _build_training_state(view)
