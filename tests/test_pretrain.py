@@ -114,7 +114,7 @@ def test_tune_and_suite_take_the_file(image_folder, tracking, tmp_path):
 
     result = cli("tune", *given, "--max-trials", "1")
     assert result.exit_code == 0, result.output
-    tune_run = re.search(r"^run (\w+): test_accuracy", result.output, re.MULTILINE).group(1)
+    tune_run = re.search(r"\brun (\w+): test_accuracy", result.output).group(1)
     assert logged_base(tune_run, tmp_path) == expected
 
     result = cli("suite", "--variants", "baseline", *given, "--no-promote")

@@ -1,55 +1,153 @@
-"""The recipe search: stages of nested runs, chosen on validation accuracy, the choice a variant file."""
+"""The recipe search: a budget that holds, candidates from the data and the base, successive halving
+chosen on validation accuracy, and the choice a variant file."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
 
+from tlkit import budget, candidates, models, recipe
 from tlkit import spec as specs
 
-from conftest import FAST_ARGS, cli, invoke
+from conftest import FAST_ARGS, assert_clear, invoke, make_image_folder
+
+BUDGET_SECONDS = 60
 
 
 @pytest.mark.e2e
-def test_recipe_runs_every_stage_and_chooses_on_validation_accuracy(image_folder, tracking, tmp_path):
+def test_a_recipe_keeps_its_budget_from_the_command_start_and_lists_what_it_left_out(image_folder, tracking,
+                                                                                     tmp_path):
     chosen_file = tmp_path / "chosen.toml"
-    result = cli("recipe", "--data", str(image_folder), *FAST_ARGS, "--limit", "30", "--output", str(chosen_file))
-    assert result.exit_code == 0, result.output
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "tlkit.cli", "recipe", "--data", str(image_folder), *FAST_ARGS,
+                           "--budget", f"{BUDGET_SECONDS}s", "--output", str(chosen_file)],
+                          capture_output=True, text=True, timeout=4 * BUDGET_SECONDS)
+    wall = time.time() - started  # TensorFlow's import included, as the user's clock has it
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert wall <= 1.1 * BUDGET_SECONDS, f"{wall:.1f} s for a {BUDGET_SECONDS} s budget"
+    # The plan came first, with an estimate per candidate and the total.
+    plan = done.stderr.index("recipe plan")
+    assert plan < done.stderr.index("screen-1 starts") and "total about" in done.stderr
+
     parent = mlflow.search_runs(filter_string="tags.mlflow.runName = 'recipe'", output_format="list")[0]
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   output_format="list")
-    by_stage: dict[str, list] = {}
+    by_rung: dict[str, list] = {}
     for run in children:
         assert run.info.status == "FINISHED"
-        by_stage.setdefault(run.data.tags["recipe_stage"], []).append(run)
-    # input: 4 candidates on the sample; head: 2 on every image; flip: 1; finetune: 1.
-    assert {stage: len(runs) for stage, runs in by_stage.items()} == {"input": 4, "head": 2, "flip": 1, "finetune": 1}
-    assert all(r.data.params["limit"] == "30" for r in by_stage["input"])
-    assert all(r.data.params["limit"] == "30" for r in by_stage["head"])  # the caller's limit stays
-    # Every stage keeps its best by validation accuracy; the best input's size and preprocessing carry on.
-    best_input = max(by_stage["input"], key=lambda r: r.data.metrics["val_accuracy_final"])
-    for run in by_stage["head"]:
-        assert run.data.params["image_size"] == best_input.data.params["image_size"]
-        assert run.data.params["preprocess"] == best_input.data.params["preprocess"]
-    assert by_stage["flip"][0].data.params["flip"] == "True"
-    assert by_stage["finetune"][0].data.params["unfreeze"] == "block5"
-    # The frozen stages cached below block5, so fine-tuning made no pass of its own.
-    assert by_stage["finetune"][0].data.tags["feature_cache"] == "hit"
-    contenders = by_stage["head"] + by_stage["flip"] + by_stage["finetune"]
-    assert parent.data.tags["best_run_id"] in {r.info.run_id for r in contenders}
+        by_rung.setdefault(run.data.tags["recipe_rung"], []).append(run)
+    # Every screen candidate either ran or is listed, with its cost, as what more time would buy.
+    left_out = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/left_out.json"))
+    screened = len(by_rung["screen"]) + sum(item["rung"] == "screen" for item in left_out)
+    assert screened == len(candidates.screen({"VGG16": "none"}, 32))
+    assert left_out and all(item["estimate_seconds"] > 0 for item in left_out)
+    assert "more time would buy" in done.stderr and "(left out)" in done.stdout
+    assert parent.data.metrics["left_out"] == len(left_out)
+
+    # Successive halving: the full rung is the best third of the screen by validation accuracy.
+    screen = sorted(by_rung["screen"], key=lambda r: -r.data.metrics["val_accuracy_final"])
+    if "full" in by_rung:
+        promoted = len(by_rung["full"])
+        assert promoted <= -(-len(screen) // recipe.ETA)
+        cut = screen[promoted - 1].data.metrics["val_accuracy_final"]
+        levers = {(r.data.params["image_size"], r.data.params["preprocess"], r.data.params["units"],
+                   r.data.params["label_smoothing"]) for r in by_rung["full"]}
+        for run in screen:
+            key = (run.data.params["image_size"], run.data.params["preprocess"], run.data.params["units"],
+                   run.data.params["label_smoothing"])
+            if key in levers:
+                assert run.data.metrics["val_accuracy_final"] >= cut
+        # Fidelity is in the params: the screen saw a sample and a third of the epochs.
+        assert {r.data.params["epochs"] for r in by_rung["screen"]} == {"1"}
+        assert {r.data.params["epochs"] for r in by_rung["full"]} == {"2"}
+    # The choice is on validation accuracy at the highest fidelity reached, and a variant file.
     best = mlflow.get_run(parent.data.tags["best_run_id"])
+    top = [r for rung in ("finetune", "flip", "full", "screen") if rung in by_rung for r in by_rung[rung]]
+    assert best.data.tags["recipe_rung"] in by_rung
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.data.metrics["val_accuracy_final"])
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
-    assert parent.data.metrics["search_seconds"] > 0
-    # The choice is a variant file: no data, weights or sample in it; `tlkit train` reruns it.
+    assert best.data.metrics["val_accuracy_final"] >= max(r.data.metrics["val_accuracy_final"] for r in top
+                                                          if r.data.tags["recipe_rung"] == best.data.tags["recipe_rung"])
     diff, description = specs.read_variant(str(chosen_file))
     assert "recipe search" in description and not {"data", "weights"} & set(diff)
     assert mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/chosen.toml") == chosen_file.read_text()
-    assert f"variant file {chosen_file}" in result.output
-    rerun = invoke("train", str(chosen_file), "--data", str(image_folder), *FAST_ARGS, "--limit", "30")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"recipe.png", "recipe.txt", "configurations.json"} <= artifacts
+    rerun = invoke("train", str(chosen_file), "--data", str(image_folder), *FAST_ARGS)
     assert rerun.exit_code == 0, rerun.output
 
 
-def test_recipe_refuses_an_output_that_is_not_a_variant_file(image_folder, tracking):
-    result = invoke("recipe", "--data", str(image_folder), *FAST_ARGS, "--output", "x.json")
-    assert result.exit_code == 2 and "must end in .toml" in result.output
+def test_a_budget_reads_as_a_duration():
+    assert budget.parse_budget("90s") == 90 and budget.parse_budget("45m") == 2700
+    assert budget.parse_budget("2h") == 7200 and budget.parse_budget("1h30m") == 5400
+    assert budget.parse_budget("120") == 120
+    for bad in ("", "45x", "m", "-5m", "0s"):
+        with pytest.raises(budget.BudgetError, match="budget"):
+            budget.parse_budget(bad)
+
+
+def test_the_recipe_refuses_bad_options_in_one_line(image_folder, tracking):
+    assert_clear(invoke("recipe", "--data", str(image_folder), *FAST_ARGS, "--output", "x.json"), 2, "must end in .toml")
+    assert_clear(invoke("recipe", "--data", str(image_folder), *FAST_ARGS, "--budget", "soon"), 2,
+                 "budget 'soon' is not a duration")
+    assert_clear(invoke("recipe", "--data", str(image_folder), "--base", "VGG16,Xception",
+                        "--weights", "VGG16=none"), 2, "--weights gives nothing for Xception")
+    assert_clear(invoke("recipe", "--data", str(image_folder), "--base", "VGG16",
+                        "--weights", "ResNet50=none"), 2, "names no base of --base VGG16")
+    assert_clear(invoke("recipe", "--data", str(image_folder), "--base", "VGG16,Nope", "--weights", "none"), 2,
+                 "unknown base 'Nope'")
+
+
+def test_bases_and_their_weights_pair_up():
+    assert recipe.parse_bases("VGG16", "/w/vgg.h5") == {"VGG16": "/w/vgg.h5"}
+    assert recipe.parse_bases("VGG16,Xception", "none") == {"VGG16": "none", "Xception": "none"}
+    assert recipe.parse_bases("VGG16, Xception", "VGG16=/a.h5,Xception=/b.h5") == {"VGG16": "/a.h5",
+                                                                                 "Xception": "/b.h5"}
+
+
+def test_candidate_sizes_follow_the_data_and_the_base(tmp_path):
+    # CIFAR-10's 32 px: from the base's smallest input up to 4x; photos: from half their size to the trained size.
+    assert candidates.image_sizes("VGG16", 32) == [32, 64, 128]
+    assert candidates.image_sizes("Xception", 32) == [71, 96, 128]
+    assert candidates.image_sizes("VGG16", 224) == [112, 160, 224]
+    assert candidates.image_sizes("Xception", 224)[-1] == 299
+    for base in models.BASES:
+        for median in (16, 32, 224, 1000):
+            sizes = candidates.image_sizes(base, median)
+            assert sizes == sorted(sizes) and sizes[0] >= models.BASES[base].min_image_size
+            assert sizes[-1] <= max(models.BASES[base].trained_size, models.BASES[base].min_image_size)
+    # The seed's [0, 1] scaling only where the base does not scale pixels itself, and every candidate legal.
+    assert {c["preprocess"] for c in candidates.inputs("VGG16", 32)} == {"unit", "base"}
+    assert {c["preprocess"] for c in candidates.inputs("EfficientNetB0", 32)} == {"base"}
+    candidates.check(candidates.screen({base: "none" for base in models.BASES}, 32), specs.merge({"weights": "none"}))
+    photos = make_image_folder(tmp_path / "photos", train_per_class=2, test_per_class=1, size=96)
+    assert candidates.median_side(str(photos)) == 96
+    assert candidates.image_counts(str(photos)) == (6, 3)
+    assert candidates.median_side("cifar10") == 32
+
+
+def test_estimates_count_each_pass_once_and_learn_from_the_runs():
+    costs = budget.Costs(rates={("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.001,
+                                                              finetune_sample={"top1": 0.004})}, overhead=0.0)
+    spec = specs.merge({"weights": "none", "epochs": 2})
+    images = {"train": 900, "val": 100, "test": 1000}
+    first = costs.estimate(spec, images)
+    assert first == pytest.approx(2000 * 0.01 + 2 * (900 + 100 / 3) * 0.001)
+    costs.made(spec, images)
+    assert costs.estimate(spec, images) == pytest.approx(2 * (900 + 100 / 3) * 0.001)  # the pass is cached now
+    assert costs.estimate(dict(spec, flip=True), images) > costs.estimate(spec, images)  # the mirrored pass
+    tuned = dict(spec, unfreeze="top1", finetune_epochs=3)
+    assert costs.estimate(tuned, images) > costs.estimate(spec, images)
+    costs.observe(10.0, 20.0)
+    assert costs.correction == pytest.approx(2.0)
+
+
+def test_the_budget_clock_starts_with_the_process():
+    clock = budget.Clock(60)
+    # This test process started before the test did: the clock counts its imports too.
+    assert 0 < clock.elapsed() < 24 * 3600 and clock.left() < 60

@@ -67,6 +67,7 @@ spec_options = field_options(FIELDS)
 
 def _known_errors() -> tuple[tuple, tuple]:
     """The one table of known failures: (bad input: exit 2, failures while running: exit 1)."""
+    from tlkit.budget import BudgetError
     from tlkit.cluster import ClusterError
     from tlkit.data import DataError
     from tlkit.features import FeatureCacheError
@@ -77,7 +78,7 @@ def _known_errors() -> tuple[tuple, tuple]:
     from tlkit.tracking import TrackingError
     from tlkit.tune import TuneError
 
-    usage = (SpecError, DataError, ModelError, RegistryError)
+    usage = (SpecError, DataError, ModelError, RegistryError, BudgetError)
     # OSError: a file that cannot be written (pretrain's weights, a full disk), said in one line.
     running = (TrackingError, FeatureCacheError, TuneError, RecipeError, ClusterError, OSError)
     return usage, running
@@ -324,30 +325,38 @@ def _search(variant: str, overrides: dict, settings: dict, *, workers: int = 0, 
 
 @main.command("recipe")
 @spec_options
+@click.option("--budget", default=None, metavar="DURATION",
+              help="wall time the search may take, from the command's start: e.g. 90s, 45m, 2h, 1h30m  "
+                   "[default: 30m]; what it leaves out is listed with its estimated cost")
 @click.option("--output", default=None,
               help="write the chosen configuration here as a variant file  [default: ./recipe-<run id>.toml]")
 @_experiment_option
 @_cache_dir_option
 @friendly_errors
-def recipe_command(output: str | None, experiment: str | None, cache_dir: str | None, **overrides) -> None:
-    """Search image size, preprocessing, head, cached flips and fine-tuning, cheapest first.
+def recipe_command(budget: str | None, output: str | None, experiment: str | None, cache_dir: str | None,
+                   **overrides) -> None:
+    """Search bases, image sizes, preprocessing, heads, flips and fine-tuning within a time budget.
 
-    Each stage keeps its best configuration by validation accuracy (tlkit/recipe.py STAGES); each
-    configuration is a nested run. Prints what each bought and writes the chosen one as a variant
-    file: `tlkit train <file> --data ... --weights ...` reruns it alone.
+    Measures what each costs here, prints its plan, screens every candidate on a sample, gives the
+    best more images and epochs, then flips and fine-tuning (tlkit/recipe.py); each configuration
+    is a nested run, chosen on validation accuracy. Several bases: --base VGG16,Xception --weights
+    VGG16=PATH,Xception=PATH. Writes the chosen configuration as a variant file:
+    `tlkit train <file> --data ... --weights ...` reruns it alone.
 
-    Example: tlkit recipe --data /data/cifar10 --weights /abs/vgg16-imagenet-notop.weights.h5
+    Example: tlkit recipe --data /data/cifar10 --weights /abs/vgg16-imagenet-notop.weights.h5 --budget 45m
     """
-    from tlkit import recipe, spec as specs
+    from tlkit import budget as budgets, recipe, spec as specs
 
-    specs.load("baseline", overrides)  # every check before data is loaded or a run is made
+    seconds = budgets.parse_budget(budget or recipe.DEFAULT_BUDGET)
+    bases = recipe.parse_bases(overrides.get("base") or specs.DEFAULTS["base"], overrides.get("weights") or "imagenet")
     if output and not output.endswith(".toml"):
         raise specs.SpecError(f"--output {output} must end in .toml (it is a variant file)")
-    result = recipe.search(overrides, experiment=experiment, cache_dir=cache_dir, output=output or "")
+    result = recipe.search(overrides, bases=bases, budget=seconds, experiment=experiment, cache_dir=cache_dir,
+                           output=output or "")
     path = output or f"recipe-{result.run_id}.toml"
     if not output:  # the text search() logged as chosen.toml: no download, no file of the user's overwritten
         Path(path).write_text(result.variant_text)
-    click.echo(recipe.table(result))
+    click.echo(recipe.table(result.tried, result.chosen, result.left_out))
     click.echo(f"run {result.run_id}: chosen {result.chosen.name}, val_accuracy {result.chosen.val_accuracy:.4f}, "
                f"test_accuracy {result.chosen.test_accuracy:.4f}, {result.seconds / 60:.1f} min; variant file {path}")
 

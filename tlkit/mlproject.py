@@ -64,10 +64,12 @@ TOOL_ENTRY_POINTS["pretrain"] = _pretrain_entry_point()
 
 def _recipe_entry_point() -> tuple[str, dict, str]:
     params = {name: specs.DEFAULTS[name] for name in COMMON if name not in ("image_size", "preprocess", "units")}
+    params["budget"] = "30m"  # recipe.DEFAULT_BUDGET (tests/test_recipe.py checks they agree)
     params["output"] = "chosen.toml"
     options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
-    return ("search image size, preprocessing, head, cached flips and fine-tuning (val accuracy), "
-            "one nested run per configuration", params, f"python -m tlkit.cli recipe {options}")
+    return ("search bases (base: VGG16,Xception; weights: VGG16=PATH,Xception=PATH), image sizes, preprocessing, "
+            "heads, flips and fine-tuning within a time budget (30m, 2h), one nested run per configuration",
+            params, f"python -m tlkit.cli recipe {options}")
 
 
 TOOL_ENTRY_POINTS["recipe"] = _recipe_entry_point()

@@ -1,78 +1,79 @@
-"""The recipe search: which input, head, flips and fine-tuning lift accuracy, and what each costs.
+"""The recipe search: the best configuration for these images and these bases, within a time budget.
 
 The notebook tried one lever at a time at 32 px and stopped near 61%. The levers that matter are
-elsewhere (image size and the base's own preprocessing for the frozen features; flips; fine-tuning
-the top block), and each costs a pass of the base or epochs through a block. The search is greedy
-over STAGES, cheapest first: each stage tries its candidates on top of the best configuration so
-far (the incumbent) and keeps whichever has the highest validation accuracy (`val_accuracy_final`,
-the model as it ends). Every configuration is a nested run of an ordinary `tlkit train` (its spec
-as a .toml diff, its metrics, reports and model), and configurations that share the base's input
-share its cached pass. Test accuracy is logged for every run and never used to choose.
+the base, the image size and its preprocessing (the frozen features), the head, flips and
+fine-tuning, and each costs a pass of the base or epochs through a block. The search spends on the
+good candidates, successive halving across fidelities:
 
-    recipe (parent run)                  chosen.toml, stages.json; best_* and search_seconds
-      input-1 ... input-N   a stratified sample (SCREEN): image size x preprocessing, frozen head
-      head-1 ...            all images at the chosen input: the head
-      flip-1                cached flips
-      finetune-1 ...        the top block unfrozen after the head
+    probe    a few batches of each input's pass, a few steps of each head and fine-tuning depth
+    plan     every candidate with its estimated seconds; what the budget leaves out, and its cost
+    screen   every input x head (candidates.py) on a stratified sample, a third of the epochs
+    full     the best third of the screen on every image, every epoch
+    flip     the best with cached flips (one more pass, of the training images)
+    finetune the best, its top blocks unfrozen: the fine-tuning levers, in the order the budget buys
 
-The chosen configuration is written as a variant file (`--output`): `tlkit train <file>` reruns
-it alone.
+Every configuration is a nested run of an ordinary `tlkit train` (its spec as a .toml diff, its
+fidelity in its params, its metrics, reports and model), chosen on validation accuracy
+(`val_accuracy_final`, the model as it ends); test accuracy is logged and never used to choose.
+Configurations that share an input share its cached pass, and the full rung caches below the
+deepest fine-tuning depth, so one pass serves every depth. Nothing starts whose estimate does not
+fit in what is left of the budget (budget.py), and epochs stop at the budget's end. The best
+configuration so far is written as a variant file (`--output`) after every rung, so a failure
+later loses nothing: `tlkit train <file>` reruns it alone.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlkit import budget as budgets
+from tlkit import candidates
+from tlkit import spec as specs
+
 log = logging.getLogger(__name__)
 
-# The search as data: (stage, fields fixed for that stage only, candidates). A candidate is a spec
-# diff laid over the incumbent. Only the `input` stage runs on a sample: the sample's limit and
-# test_limit are not carried into later stages.
-SCREEN = {"limit": 10000, "test_limit": 2000}  # 9,000 training / 1,000 validation images, stratified
-STAGES: list[tuple[str, dict, list[dict]]] = [
-    ("input", SCREEN, [
-        {"image_size": 32, "preprocess": "unit"},  # the notebook's
-        {"image_size": 32, "preprocess": "base"},
-        {"image_size": 48, "preprocess": "base"},
-        {"image_size": 64, "preprocess": "base"},
-    ]),
-    ("head", {}, [
-        {},  # the notebook's head on every image at the chosen input
-        {"units": 1024, "dropout": 0.5},
-    ]),
-    ("flip", {}, [{"flip": True}]),
-    ("finetune", {}, [{"unfreeze": "block5", "finetune_epochs": 6, "patience": 2}]),
-]
+DEFAULT_BUDGET = "30m"  # without --budget: enough to screen and fine-tune on CIFAR-10-sized data here
+SCREEN_IMAGES = 5000  # training and validation images a screened candidate sees at most (a tenth of CIFAR-10)
+SCREEN_TEST_IMAGES = 1000  # test images it is scored on (logged, never chosen on)
+SCREEN_SHARE = 0.35  # the screen may plan at most this share of the budget
+ETA = 3  # successive halving: the best 1/ETA of a rung go on to the next
+# The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
+DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
 
 
 class RecipeError(RuntimeError):
-    """The search cannot go on (every candidate of a stage failed): the message names the stage."""
+    """The search cannot go on (nothing could run): the message says why."""
 
 
 @dataclass
 class Tried:
-    stage: str
-    name: str  # the nested run's name, e.g. head-2
+    rung: str  # screen, full, flip, finetune
+    name: str  # the nested run's name, e.g. screen-3
     diff: dict  # its fields that differ from the search's own spec
     spec: dict  # everything it ran with
-    fixed: dict = field(default_factory=dict)  # its stage's stage-only fields (a screen's sample)
+    estimate: float = 0.0  # seconds, before it started
     run_id: str = ""
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     seconds: float = 0.0
+    ended_at: float = 0.0  # seconds since the process started, when it ended
     error: str = ""
 
 
 @dataclass
 class RecipeResult:
     run_id: str
-    chosen: Tried
+    chosen: Tried | None
     tried: list[Tried] = field(default_factory=list)
+    left_out: list[dict] = field(default_factory=list)  # {"rung", "diff", "estimate"}: what more time would buy
     seconds: float = 0.0
     variant_text: str = ""  # the chosen configuration as a variant file (also the parent's chosen.toml)
 
@@ -85,117 +86,407 @@ def variant_file(diff: dict, description: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _diff_from_defaults(spec: dict) -> dict:
-    from tlkit import spec as specs
+def parse_bases(base: str, weights: str) -> dict[str, str]:
+    """--base VGG16,Xception --weights VGG16=PATH,Xception=PATH -> {base: weights}. One base and
+    one weights value (a path, 'imagenet', 'none') stands for itself; one value for several bases
+    is each base's."""
+    from tlkit import models
 
-    return {k: v for k, v in spec.items() if v != specs.DEFAULTS[k]}
+    names = [b.strip() for b in base.split(",") if b.strip()]
+    if not names:
+        raise specs.SpecError("--base names no base")
+    for name in names:
+        if name not in models.BASES:
+            raise specs.SpecError(f"unknown base {name!r}; choose one of {', '.join(models.BASES)}")
+    given = [w.strip() for w in weights.split(",") if w.strip()] or ["imagenet"]
+    if not any("=" in w for w in given):
+        if len(given) != 1:
+            raise specs.SpecError(f"--weights {weights!r}: give one value, or BASE=PATH for each base")
+        return {name: given[0] for name in names}
+    pairs = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in names:
+            raise specs.SpecError(f"--weights {item!r} names no base of --base {base} (use BASE=PATH)")
+        pairs[name.strip()] = value.strip()
+    missing = [n for n in names if n not in pairs]
+    if missing:
+        raise specs.SpecError(f"--weights gives nothing for {', '.join(missing)} (use BASE=PATH for each base)")
+    return pairs
 
 
-def search(overrides: dict, *, stages=None, experiment: str | None = None, cache_dir: str | None = None,
-           output: str | None = None) -> RecipeResult:
-    """Run the stages under one parent run; returns the chosen configuration and everything tried."""
-    import gc
+class Search:
+    """One recipe search under one parent run: the steps of `search`, each a method."""
 
-    import keras
+    def __init__(self, overrides: dict, bases: dict[str, str], clock: budgets.Clock, cache_dir: str | None,
+                 say=None):
+        self.base_spec = specs.load("baseline", {**overrides, "base": next(iter(bases)),
+                                                 "weights": next(iter(bases.values()))})
+        self.bases, self.clock, self.cache_dir = bases, clock, cache_dir
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.costs = budgets.Costs()
+        self.tried: list[Tried] = []
+        self.left_out: list[dict] = []
+        self.best: Tried | None = None  # at the highest fidelity reached
+        self.counts: dict[tuple, dict[str, int]] = {}  # (limit, test_limit) -> images per split
+        self._datasets: dict[tuple, object] = {}
+        self.pools: tuple[int, int] | None = None  # (training, test) images the data has
+        self.screen_fields = {}
+
+    # --- before any long work --------------------------------------------------------------------
+    def check(self) -> list[dict]:
+        """Every candidate legal for its base; returns the screen's candidates."""
+        median = candidates.median_side(self.base_spec["data"])
+        screen = candidates.screen(self.bases, median)
+        candidates.check(screen, self.base_spec)
+        for base in self.bases:
+            candidates.check([{**c, "base": base, "weights": self.bases[base],
+                               "image_size": candidates.image_sizes(base, median)[-1],
+                               "preprocess": "base"} for c in candidates.finetunes()], self.base_spec)
+        self.say(f"recipe: images' median side {median} px; screening "
+                 + "; ".join(f"{b} at {', '.join(map(str, candidates.image_sizes(b, median)))} px" for b in self.bases))
+        limit, test_limit = self.base_spec["limit"], self.base_spec["test_limit"]
+        self.screen_fields = {"limit": min(limit, SCREEN_IMAGES) if limit else SCREEN_IMAGES,
+                              "test_limit": min(test_limit, SCREEN_TEST_IMAGES) if test_limit else SCREEN_TEST_IMAGES,
+                              "epochs": max(1, math.ceil(self.base_spec["epochs"] / ETA))}
+        return screen
+
+    def dataset(self, spec: dict):
+        from tlkit import train
+
+        key = train.data_key(spec)
+        if key not in self._datasets:
+            self._datasets.clear()  # one data set at a time: a decoded 64 px CIFAR-10 is 740 MB
+            self._datasets[key] = train.load_dataset(spec)
+            found = self._datasets[key]
+            self.counts[(spec["limit"], spec["test_limit"])] = {
+                "train": len(found.y_train), "val": len(found.y_val), "test": len(found.y_test)}
+        return self._datasets[key]
+
+    def images(self, spec: dict) -> dict[str, int]:
+        """Images per split at the spec's sample: as loaded, or from the counts of the data's files
+        (no scan of the images before they are needed)."""
+        fidelity = (spec["limit"], spec["test_limit"])
+        if fidelity in self.counts:
+            return self.counts[fidelity]
+        if self.pools is None:
+            self.pools = candidates.image_counts(spec["data"])
+        train_pool, test_pool = self.pools
+        seen = min(spec["limit"], train_pool) if spec["limit"] else train_pool
+        val = math.ceil(seen * 0.1)  # data.split_and_encode's 10%
+        return {"train": seen - val, "val": val,
+                "test": min(spec["test_limit"], test_pool) if spec["test_limit"] else test_pool}
+
+    def probe(self, screen: list[dict]) -> None:
+        """The rates of every input of the screen; fine-tuning depths at each base's largest size,
+        scaled to the others by their pixels (a block's work grows with its maps' area)."""
+        started = time.perf_counter()
+        num_classes = None
+        depths = sorted({c["unfreeze"] for c in candidates.finetunes()})
+        largest_head = max(candidates.HEADS, key=lambda h: h.get("units", 0))
+        for base in self.bases:
+            sizes = sorted({c["image_size"] for c in screen if c["base"] == base})
+            for size in reversed(sizes):
+                spec = specs.merge({"base": base, "image_size": size, "preprocess": "base"}, self.base_spec)
+                if num_classes is None:
+                    num_classes = len(self.dataset(dict(spec, **self.screen_fields)).class_names)
+                top = sizes[-1]
+                rates = budgets.probe(spec, num_classes, depths if size == top else [], largest_head)
+                if size != top:
+                    ratio = (size / top) ** 2
+                    rates.finetune_sample = {d: s * ratio for d, s in self.costs.rates[(base, top)].finetune_sample.items()}
+                self.costs.rates[(base, size)] = rates
+        self.say(f"recipe: probed {len(self.costs.rates)} inputs in {time.perf_counter() - started:.0f} s "
+                 f"[{budgets.minutes(self.clock.elapsed())} in, {budgets.minutes(self.clock.left())} left]")
+
+    def order(self, screen: list[dict]) -> list[dict]:
+        """The order the screen runs in: every input once with the seed's head, cheapest first, then
+        the other head levers the same way, so a short budget still sees every size and base."""
+        tier = {json.dumps(head, sort_keys=True): number for number, head in enumerate(candidates.HEADS)}
+        head_of = lambda c: json.dumps({k: c[k] for k in c if k in {k for h in candidates.HEADS for k in h}},  # noqa: E731
+                                       sort_keys=True)
+        return sorted(screen, key=lambda c: (tier.get(head_of(c), len(tier)), self._estimate(c, self.screen_fields)))
+
+    def affordable(self, ordered: list[dict], screened: list[dict]) -> int:
+        """How many of `ordered` the screen can still run: as many as leave time for the rungs after
+        it, were the dearest of all screened candidates the ones to go on."""
+        for count in range(len(ordered), 0, -1):
+            seconds = sum(self._total([(c, self.screen_fields) for c in ordered[:count]]))
+            later = self._later(screened + ordered[:count])
+            if seconds + sum(sum(rung) for rung in later.values()) <= self.clock.left() - budgets.WRAP_UP_SECONDS:
+                return count
+        return 0
+
+    def plan(self, ordered: list[dict]) -> None:
+        """Prints the plan: the screen's candidates in order with their estimates, the rungs after
+        it, the total, and what the budget leaves out for now (the screen re-plans as its runs show
+        what they cost)."""
+        count = max(1, self.affordable(ordered, []))
+        screened = self._total([(c, self.screen_fields) for c in ordered])
+        later = self._later(ordered[:count])
+        self.say(f"recipe plan ({budgets.minutes(self.clock.left())} left of {budgets.minutes(self.clock.budget)}):")
+        for number, (candidate, seconds) in enumerate(zip(ordered, screened), 1):
+            mark = "" if number <= count else "  (left out for now: the budget)"
+            self.say(f"  screen-{number:<3d} {seconds:7.0f} s  {_describe(candidate)}{mark}")
+        self.say(f"  full     the best {len(later['full'])} of the screen on every image: {sum(later['full']):.0f} s "
+                 "at most")
+        self.say(f"  flip     the best with cached flips: about {sum(later['flip']):.0f} s at most")
+        for lever, seconds in zip(candidates.finetunes(), later["finetune"]):
+            self.say(f"  finetune {seconds:7.0f} s at most  {_describe(lever)}")
+        total = sum(screened[:count]) + sum(sum(rung) for rung in later.values())
+        self.say(f"  total about {total:.0f} s ({budgets.minutes(total)}) for {count} of {len(ordered)} screened; "
+                 f"all {len(ordered)} would take about {sum(screened) - sum(screened[:count]) + total:.0f} s")
+
+    def _later(self, screened: list[dict]) -> dict[str, list[float]]:
+        """Estimated seconds of the rungs after a screen of these candidates, were the dearest of
+        them the ones that go on (the most the budget must hold for them)."""
+        dearest = sorted(screened, key=lambda c: -self._estimate(c, {}))
+        survivors = dearest[: max(1, math.ceil(len(screened) / ETA))]
+        full = [(c, {}) for c in survivors]
+        best = dearest[0]
+        return {"full": self._total(full),
+                "flip": self._total(full + [({**best, "flip": True}, {})])[len(full):],
+                "finetune": self._total(full + [({**best, "flip": True, **lever}, {}) for lever in
+                                                candidates.finetunes()])[len(full):]}
+
+    def _total(self, runs: list[tuple[dict, dict]]) -> list[float]:
+        """Each run's estimate, in order, where a later run finds the passes of the earlier ones."""
+        costs = budgets.Costs(rates=self.costs.rates, done_passes=set(self.costs.done_passes),
+                              correction=self.costs.correction, overhead=self.costs.overhead)
+        seconds = []
+        for candidate, fixed in runs:
+            spec = self._spec(candidate, fixed)
+            seconds.append(costs.estimate(spec, self.images(spec)))
+            costs.made(spec, self.images(spec))
+        return seconds
+
+    # --- the rungs ---------------------------------------------------------------------------------
+    def run_screen(self, ordered: list[dict], parent_id: str, tmp: Path) -> list[Tried]:
+        """The screen's candidates in order while they fit (affordable, re-planned after each run)."""
+        remaining, done = list(ordered), []
+        while remaining and (not done or self.affordable(remaining, [t.diff for t in done]) > 0):
+            done.append(self.run("screen", remaining.pop(0), self.screen_fields, tmp, parent_id))
+        for candidate in remaining:
+            self._leave_out("screen", candidate, self._estimate(candidate, self.screen_fields))
+        return self._keep(done, "screen")
+
+    def run_full(self, screened: list[Tried], tmp: Path, parent_id: str) -> list[Tried]:
+        survivors = screened[: max(1, math.ceil(len(screened) / ETA))]
+        done = []
+        for number, tried in enumerate(survivors):
+            # After the screen's best, each keeps back what flips and the first fine-tuning of the
+            # best would take: those are what a search with little time left should still buy.
+            best = _lever_diff(survivors[0])
+            reserve = 0.0 if number == 0 else (self._estimate({**best, "flip": True}, {})
+                                               + self._estimate({**best, **candidates.finetunes()[0]}, {}))
+            done.append(self.run("full", _lever_diff(tried), {}, tmp, parent_id, cache_below=DEEPEST, reserve=reserve))
+        return self._keep(done, "full")
+
+    def run_levers(self, rung: str, levers: list[dict], tmp: Path, parent_id: str) -> list[Tried]:
+        """Each lever on top of the best so far; the best stays a contender (same images)."""
+        incumbent = self.best
+        done = [self.run(rung, {**_lever_diff(incumbent), **lever}, {}, tmp, parent_id, cache_below=DEEPEST)
+                for lever in levers]
+        return self._keep([incumbent] + done, rung)  # first: a lever that only ties does not replace it
+
+    def run(self, rung: str, candidate: dict, fixed: dict, tmp: Path, parent_id: str, cache_below: str = "",
+            reserve: float = 0.0) -> Tried:
+        """One configuration as a nested `tlkit train` run, if its estimate fits what is left (less
+        `reserve`, the seconds kept for the rungs after this one)."""
+        import keras
+        import mlflow
+
+        from tlkit import train
+
+        spec = self._spec(candidate, fixed)
+        diff = {k: v for k, v in {**candidate, **fixed}.items() if self.base_spec.get(k) != v}
+        attempt = Tried(rung, f"{rung}-{sum(t.rung == rung for t in self.tried) + 1}", diff, spec)
+        if any(t.spec == spec and not t.error for t in self.tried):
+            return next(t for t in self.tried if t.spec == spec and not t.error)  # it ran already
+        images = self.images(spec)
+        attempt.estimate = self.costs.estimate(spec, images)
+        if attempt.estimate + reserve > self.clock.left() - budgets.WRAP_UP_SECONDS:
+            self._leave_out(rung, diff, attempt.estimate)
+            attempt.error = "left out: the budget"
+            return attempt
+        self.say(f"recipe: {attempt.name} starts, about {attempt.estimate:.0f} s: {_describe(diff)} "
+                 f"[{budgets.minutes(self.clock.elapsed())} in, {budgets.minutes(self.clock.left())} left]")
+        path = tmp / f"recipe-{attempt.name}.toml"
+        path.write_text(variant_file(diff, f"recipe search, rung {rung}: {_describe(diff)}"))
+        clock = time.perf_counter()
+        try:
+            with train.deadline(self.clock.deadline()):
+                result = train.train(str(path), spec, cache_dir=self.cache_dir, nested=True,
+                                     dataset=self.dataset(spec), cache_below=cache_below)
+            attempt.run_id, attempt.val_accuracy = result.run_id, result.val_accuracy
+            attempt.test_accuracy = result.test_accuracy
+            client = mlflow.MlflowClient()
+            client.set_tag(result.run_id, "recipe_rung", rung)
+            client.set_tag(result.run_id, "recipe_estimate_seconds", f"{attempt.estimate:.0f}")
+        except Exception as err:  # noqa: BLE001 - one failed configuration must not end the search
+            attempt.error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+            log.error("recipe: %s failed: %s", attempt.name, attempt.error)
+            while mlflow.active_run() and mlflow.active_run().info.run_id != parent_id:
+                mlflow.end_run("FAILED")
+        finally:
+            keras.backend.clear_session()  # drop the finished configuration's graph and weights
+            gc.collect()
+        attempt.seconds = time.perf_counter() - clock
+        attempt.ended_at = self.clock.elapsed()
+        self.costs.observe(attempt.estimate, attempt.seconds)
+        self.costs.made(spec, images)
+        self.tried.append(attempt)
+        outcome = f"val {attempt.val_accuracy:.4f}" if not attempt.error else f"FAILED ({attempt.error})"
+        self.say(f"recipe: {attempt.name} ends, {outcome} in {attempt.seconds:.0f} s "
+                 f"[{budgets.minutes(self.clock.elapsed())} in, {budgets.minutes(self.clock.left())} left]")
+        return attempt
+
+    def _keep(self, done: list[Tried], rung: str) -> list[Tried]:
+        """The rung's finished configurations, best first by validation accuracy; the best is the
+        search's best from now on (the highest fidelity reached)."""
+        finished = sorted({id(t): t for t in done if t is not None and not t.error and t.val_accuracy is not None}
+                          .values(), key=lambda t: -t.val_accuracy)
+        if finished:
+            self.best = finished[0]
+            log.info("recipe: rung %s keeps %s (val_accuracy %.4f)", rung, self.best.name, self.best.val_accuracy)
+        return finished
+
+    # --- small pieces ------------------------------------------------------------------------------
+    def _spec(self, candidate: dict, fixed: dict) -> dict:
+        return specs.merge({**candidate, **fixed}, self.base_spec)
+
+    def _estimate(self, candidate: dict, fixed: dict) -> float:
+        spec = self._spec(candidate, fixed)
+        return self.costs.estimate(spec, self.images(spec))
+
+    def _leave_out(self, rung: str, diff: dict, seconds: float) -> None:
+        self.left_out.append({"rung": rung, "diff": diff, "estimate_seconds": round(seconds, 1)})
+        self.say(f"recipe: leaves out {rung} {_describe(diff)} (about {seconds:.0f} s; "
+                 f"{budgets.minutes(self.clock.left())} left)")
+
+
+def _lever_diff(tried: Tried) -> dict:
+    """A configuration's levers without its fidelity: what the next rung runs at its own."""
+    return {k: v for k, v in tried.diff.items() if k not in ("limit", "test_limit", "epochs")}
+
+
+def _describe(diff: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in diff.items() if k != "weights") or "as it stands"
+
+
+def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: float | None = None,
+           clock: budgets.Clock | None = None, experiment: str | None = None, cache_dir: str | None = None,
+           output: str | None = None, say=None) -> RecipeResult:
+    """Probe, plan, screen, run the best on every image, try flips and fine-tuning, within the budget."""
     import mlflow
 
-    from tlkit import spec as specs, tracking, train
+    from tlkit import tracking, train
 
-    stages = STAGES if stages is None else stages
-    base_spec = specs.load("baseline", overrides)  # every check before data is loaded or a run is made
-    for stage, fixed, candidates in stages:  # and every candidate's, too
-        for candidate in candidates:
-            specs.validate(specs.merge({**fixed, **candidate}, base_spec))
+    bases = bases or {overrides.get("base") or specs.DEFAULTS["base"]: overrides.get("weights") or "imagenet"}
+    clock = clock or budgets.Clock(budgets.parse_budget(DEFAULT_BUDGET) if budget is None else budget)
+    searching = Search(overrides, bases, clock, cache_dir, say)
+    screen = searching.check()  # every check before a run is made
     tracking.use_experiment(experiment)
     tracking.check_reachable()
-    started = time.perf_counter()
-    datasets: dict[tuple, object] = {}
-
-    def dataset_for(spec: dict):
-        key = train.data_key(spec)
-        if key not in datasets:
-            datasets.clear()  # one decoded data set at a time: a 64 px CIFAR-10 is 740 MB
-            datasets[key] = train.load_dataset(spec)
-        return datasets[key]
-
-    tried: list[Tried] = []
-    with tracking.run("recipe", tags={"recipe_stages": ",".join(s for s, _, _ in stages)}) as parent, \
-            tempfile.TemporaryDirectory() as tmp:
-        tracking.log_params_once({k: v for k, v in overrides.items() if v is not None})
-        incumbent: Tried | None = None
-        with train.long_lived_objects_frozen():
-            for stage, fixed, candidates in stages:
-                # The incumbent's own stage-only fields (a screen's sample) do not carry over.
-                carried = {k: v for k, v in incumbent.diff.items() if k not in incumbent.fixed} if incumbent else {}
-                contenders = []
-                # A sample smaller than the screen's, asked for by the caller, stays the caller's.
-                fixed = {k: min(v, base_spec[k]) if k in ("limit", "test_limit") and base_spec[k] else v
-                         for k, v in fixed.items()}
-                for number, candidate in enumerate(candidates, 1):
-                    diff = {**carried, **fixed, **candidate}
-                    spec = specs.merge(diff, base_spec)
-                    if incumbent is not None and spec == incumbent.spec:
-                        contenders.append(incumbent)  # it ran already
-                        continue
-                    name = f"{stage}-{number}"
-                    path = Path(tmp) / f"recipe-{name}.toml"
-                    path.write_text(variant_file(diff, f"recipe search, stage {stage}: {candidate or 'as it stands'}"))
-                    attempt = Tried(stage, name, diff, spec, fixed=dict(fixed))
-                    log.info("recipe: %s %s", name, diff)
-                    clock = time.perf_counter()
-                    try:
-                        # Frozen runs cache below the top block: the fine-tuning stage reuses their pass.
-                        result = train.train(str(path), spec, cache_dir=cache_dir, nested=True,
-                                             dataset=dataset_for(spec), cache_below="top1")
-                        attempt.run_id, attempt.val_accuracy = result.run_id, result.val_accuracy
-                        attempt.test_accuracy = result.test_accuracy
-                        mlflow.MlflowClient().set_tag(result.run_id, "recipe_stage", stage)
-                    except Exception as err:  # noqa: BLE001 - one failed configuration must not end the search
-                        attempt.error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
-                        log.error("recipe: %s failed: %s", name, attempt.error)
-                        while mlflow.active_run() and mlflow.active_run().info.run_id != parent.info.run_id:
-                            mlflow.end_run("FAILED")
-                    finally:
-                        keras.backend.clear_session()  # drop the finished configuration's graph and weights
-                        gc.collect()
-                    attempt.seconds = time.perf_counter() - clock
-                    tried.append(attempt)
-                    if not attempt.error:
-                        contenders.append(attempt)
-                # The incumbent competes where it ran on the same images as this stage's candidates.
-                if incumbent is not None and incumbent not in contenders and contenders and \
-                        train.data_key(incumbent.spec) == train.data_key(contenders[0].spec):
-                    contenders.insert(0, incumbent)
-                if not contenders:
-                    raise RecipeError(f"every candidate of stage {stage!r} failed: "
-                                      + "; ".join(t.error for t in tried if t.stage == stage))
-                incumbent = max(contenders, key=lambda t: t.val_accuracy)
-                log.info("recipe: stage %s keeps %s (val_accuracy %.4f)", stage, incumbent.name, incumbent.val_accuracy)
-                mlflow.log_metric(f"stage_{stage}_val_accuracy", incumbent.val_accuracy)
-
-        seconds = time.perf_counter() - started
-        chosen = incumbent
-        # The data and the weights file are given on the command line, as for any variant.
-        chosen_diff = {k: v for k, v in _diff_from_defaults(chosen.spec).items()
-                       if k not in ("data", "weights") and k not in chosen.fixed}
-        text = variant_file(chosen_diff, f"chosen by the recipe search (run {parent.info.run_id}): "
-                                         f"val_accuracy {chosen.val_accuracy:.4f}")
-        mlflow.log_text(text, "chosen.toml")
-        mlflow.log_dict([vars(t) for t in tried], "stages.json")
-        mlflow.log_metrics({"best_val_accuracy": chosen.val_accuracy, "best_test_accuracy": chosen.test_accuracy,
-                            "search_seconds": seconds, "configurations": float(len(tried))})
-        mlflow.set_tags({"best_run_id": chosen.run_id, "best_configuration": chosen.name})
-        if output:
-            Path(output).write_text(text)
-    return RecipeResult(run_id=parent.info.run_id, chosen=chosen, tried=tried, seconds=seconds, variant_text=text)
+    with tracking.run("recipe", tags={"recipe_bases": ",".join(bases), "recipe_budget_seconds": f"{clock.budget:.0f}"}) \
+            as parent, tempfile.TemporaryDirectory() as tmp, train.long_lived_objects_frozen():
+        tracking.log_params_once({k: v for k, v in overrides.items() if v is not None and k not in ("base", "weights")})
+        mlflow.log_params({"bases": ",".join(bases), "budget_seconds": round(clock.budget)})
+        parent_id, tmp = parent.info.run_id, Path(tmp)
+        searching.probe(screen)
+        ordered = searching.order(screen)
+        searching.plan(ordered)
+        try:
+            screened = searching.run_screen(ordered, parent_id, tmp)
+            if not screened:
+                failed = "; ".join(t.error for t in searching.tried if t.error)
+                raise RecipeError(f"no screened configuration finished: {failed[:500]}" if failed else
+                                  f"the budget ({budgets.minutes(clock.budget)}) left no time for a configuration "
+                                  f"after the probe ({budgets.minutes(clock.elapsed())} in): the cheapest needs about "
+                                  f"{min(i['estimate_seconds'] for i in searching.left_out):.0f} s")
+            _write_chosen(searching, parent_id, output)
+            searching.run_full(screened, tmp, parent_id)
+            _write_chosen(searching, parent_id, output)
+            searching.run_levers("flip", [{"flip": True}], tmp, parent_id)
+            _write_chosen(searching, parent_id, output)
+            searching.run_levers("finetune", candidates.finetunes(), tmp, parent_id)
+        finally:
+            text = _write_chosen(searching, parent_id, output)
+            _log_summary(searching, clock)
+    return RecipeResult(run_id=parent_id, chosen=searching.best, tried=searching.tried, left_out=searching.left_out,
+                        seconds=clock.elapsed(), variant_text=text)
 
 
-def table(result: RecipeResult) -> str:
-    """What each configuration bought: one line each, in the order tried."""
-    lines = [f"{'configuration':14s} {'val acc':>8s} {'test acc':>8s} {'seconds':>8s}  diff"]
-    for t in result.tried:
+def _write_chosen(searching: Search, parent_id: str, output: str | None) -> str:
+    """The best so far as a variant file: on the parent run (chosen.toml) and at `output`."""
+    import mlflow
+
+    chosen = searching.best
+    if chosen is None:
+        return ""
+    # The data and the weights file are given on the command line, as for any variant (the weights
+    # of several bases are named on the parent run).
+    diff = {k: v for k, v in chosen.spec.items() if v != specs.DEFAULTS[k] and k not in ("data", "weights")}
+    text = variant_file(diff, f"chosen by the recipe search (run {parent_id}): {chosen.name}, "
+                              f"val_accuracy {chosen.val_accuracy:.4f}")
+    mlflow.log_text(text, "chosen.toml")
+    mlflow.set_tags({"best_run_id": chosen.run_id, "best_configuration": chosen.name,
+                     "best_weights": chosen.spec["weights"]})
+    if output:
+        Path(output).write_text(text)
+    return text
+
+
+def _log_summary(searching: Search, clock: budgets.Clock) -> None:
+    """The parent's table, plot, metrics and what the budget left out."""
+    import mlflow
+
+    mlflow.log_dict([vars(t) for t in searching.tried], "configurations.json")
+    mlflow.log_dict(searching.left_out, "left_out.json")
+    mlflow.log_text(table(searching.tried, searching.best, searching.left_out), "recipe.txt")
+    if searching.tried:
+        mlflow.log_figure(plot(searching.tried), "recipe.png")
+    metrics = {"search_seconds": clock.elapsed(), "configurations": float(len(searching.tried)),
+               "left_out": float(len(searching.left_out))}
+    if searching.best is not None:
+        metrics.update(best_val_accuracy=searching.best.val_accuracy, best_test_accuracy=searching.best.test_accuracy)
+    mlflow.log_metrics(metrics)
+    for item in searching.left_out:
+        searching.say(f"recipe: more time would buy {item['rung']} {_describe(item['diff'])} "
+                      f"(about {item['estimate_seconds']:.0f} s)")
+
+
+def table(tried: list[Tried], chosen: Tried | None, left_out: list[dict] = ()) -> str:
+    """What each configuration cost and bought: one line each, in the order tried."""
+    lines = [f"{'configuration':14s} {'val acc':>8s} {'test acc':>8s} {'est s':>6s} {'seconds':>7s}  diff"]
+    for t in tried:
         val = f"{t.val_accuracy:.4f}" if t.val_accuracy is not None else "FAILED"
         test = f"{t.test_accuracy:.4f}" if t.test_accuracy is not None else ""
-        mark = " *" if t is result.chosen else ""
-        lines.append(f"{t.name + mark:14s} {val:>8s} {test:>8s} {t.seconds:8.0f}  {t.diff}{'  ' + t.error if t.error else ''}")
+        mark = " *" if t is chosen else ""
+        lines.append(f"{t.name + mark:14s} {val:>8s} {test:>8s} {t.estimate:6.0f} {t.seconds:7.0f}  {_describe(t.diff)}"
+                     + (f"  {t.error}" if t.error else ""))
+    for item in left_out:
+        lines.append(f"{'(left out)':14s} {'':>8s} {'':>8s} {item['estimate_seconds']:6.0f} {'':>7s}  "
+                     f"{item['rung']}: {_describe(item['diff'])}")
     return "\n".join(lines)
+
+
+def plot(tried: list[Tried]):
+    """Validation accuracy against the seconds spent so far, a colour per rung."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for rung in dict.fromkeys(t.rung for t in tried):
+        points = [(t.ended_at, t.val_accuracy) for t in tried if t.rung == rung and t.val_accuracy is not None]
+        if points:
+            axes.scatter(*zip(*points), label=rung)
+    axes.set_xlabel("seconds since the command started")
+    axes.set_ylabel("validation accuracy")
+    axes.set_title("recipe search: what each configuration bought")
+    axes.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

@@ -9,6 +9,7 @@ same weights. `augment` runs the whole network every epoch, since its inputs cha
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,40 @@ class Result:
     val_accuracy: float = float("nan")  # of the model as logged: what searches select on
 
 
+# The time.time() at which epochs stop (deadline()); None: they run as the spec says.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(at: float | None):
+    """Training inside stops after the epoch that ends past `at` (a time.time() value): the recipe
+    search's budget reaches into the fits it starts."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _stop_at_deadline(at: float, early_stopping=None):
+    """A callback that ends training after the epoch that ends past `at`, with the best epoch's
+    weights where early stopping keeps them (it restores them only when its own patience ends)."""
+    import time
+
+    import keras
+
+    class StopAtDeadline(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if time.time() > at and not self.model.stop_training:
+                log.warning("the time budget is spent: training stops after epoch %d", epoch + 1)
+                self.model.stop_training = True
+                if early_stopping is not None and early_stopping.restore_best_weights and \
+                        early_stopping.best_weights is not None:
+                    self.model.set_weights(early_stopping.best_weights)
+
+    return StopAtDeadline()
+
+
 def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train_mirrored=None) -> dict:
     """model.fit's keywords, the seed's: the arrays, batch size, epochs, validation every epoch,
     early stopping when the spec's patience is above 0. train.fit and tune's trials pass them
@@ -45,6 +80,8 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train
         mode = "min" if spec["monitor"] == "val_loss" else "max"
         callbacks.append(keras.callbacks.EarlyStopping(monitor=spec["monitor"], patience=spec["patience"], mode=mode,
                                                        restore_best_weights=spec["restore_best_weights"], verbose=1))
+    if _DEADLINE.get() is not None:
+        callbacks.append(_stop_at_deadline(_DEADLINE.get(), callbacks[0] if callbacks else None))
     fit = dict(x=x_train, y=y_train, batch_size=spec["batch_size"], validation_data=(x_val, y_val),
                epochs=epochs, callbacks=callbacks, verbose=2)
     if x_train_mirrored is not None:
