@@ -75,3 +75,13 @@ def test_an_automatically_named_boundary_has_a_stable_cache_name():
     assert keys[0] == keys[1] and keys[0].startswith("layer")
     assert models.layer_named(second, keys[0]) == cuts[1]
     assert models.layer_key(first, "block14_sepconv2_act") == "block14_sepconv2_act"
+
+
+def test_a_layer_prefix_inside_a_block_still_cuts_there():
+    base_model = models.load_base("VGG16", "none", 32, seed=0)
+    assert models.boundary_layer(base_model, "block5_conv3", "VGG16") == "block5_conv2"
+    xception = models.load_base("Xception", "none", 71, seed=0)
+    # block2 is matched as a block, below block12 (whose names start with block1 too).
+    names = [layer.name for layer in xception.layers]
+    below_2, below_12 = (names.index(models.boundary_layer(xception, b, "Xception")) for b in ("block2", "block12"))
+    assert below_2 < names.index("block2_sepconv1") < below_12

@@ -214,12 +214,16 @@ def boundary_layer(base_model, unfreeze: str, base: str | None = None) -> str:
     if DEPTH.match(unfreeze) and base is None:
         raise ModelError(f"unfreeze {unfreeze!r} counts blocks: the base's name is needed")
     prefix = unfrozen_block(base_model, base, unfreeze) if base else unfreeze
-    pattern = re.compile(BASES[base].block_pattern) if base else None
     names = [layer.name for layer in base_model.layers]
+    # A block id is matched whole (block1 is not block13's start); anything else as a name prefix
+    # (block5_conv3: that layer and those after it).
+    pattern = re.compile(BASES[base].block_pattern) if base and prefix in block_ids(base_model, base) else None
 
     def in_block(name: str) -> bool:
-        found = pattern.match(name) if pattern else None
-        return found.group(1) == prefix if found else name.startswith(prefix)
+        if pattern is None:
+            return name.startswith(prefix)
+        found = pattern.match(name)
+        return bool(found) and found.group(1) == prefix
 
     first = next((i for i, name in enumerate(names) if in_block(name)), None)
     if first is None or first == 0:

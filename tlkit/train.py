@@ -252,7 +252,7 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
     """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
     import keras
 
-    from tlkit import fastpath, features, models
+    from tlkit import features, models
 
     base = network.base
     names = [layer.name for layer in base.layers]
@@ -267,12 +267,14 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
         """The features at `upper_at` computed from an entry at `lower_at` below it, and stored."""
         block = block or keras.Model(base.get_layer(lower_at).output, base.get_layer(upper_at).output)
         log.info("feature cache: deriving %s features from the %s entry", upper_at, lower_at)
-        arrays = {split: fastpath.predict(block, getattr(lower, split)) for split in lower.splits}
-        # Made by the pass that made `lower` (the blocks above it are a small part of the work), and said so.
-        cache.write(features.key_of(fields_at(upper_at)), fields_at(upper_at), arrays,
-                    made_by={**lower.made_by, "derived_from": lower.key})
-        derived = cache.read(features.key_of(fields_at(upper_at)))
-        derived.hit, derived.derived_from = False, lower.key
+        # A pass of the blocks above over the lower features, streamed batch by batch into the entry
+        # as the base's pass is (nothing holds a split's features whole). Made by the pass that made
+        # `lower` (the blocks above it are a small part of the work), and said so.
+        through_block = features.LocalPass()
+        through_block.made_by = {**lower.made_by, "derived_from": lower.key}
+        derived = cache.get(fields_at(upper_at), block, {split: getattr(lower, split) for split in lower.splits},
+                            engine=through_block)
+        derived.derived_from = lower.key
         return derived
 
     def features_at(boundary: str, extractor) -> features.Features:
