@@ -29,7 +29,7 @@ Why Ray Data, not Spark (the two engines the issue names):
   the pass fails with one line, and the entry's temporary folder is removed (features.writer).
 
 How: the items are (split, row[, path]) in blocks of about a batch; actors read the rows with
-stream.reader, the function the local pass decodes with (data._read_image for files), so the
+stream.reader, the function the local pass decodes with (sources.read_image for files), so the
 pixels are the same, and return the features with their split and row. Ray keeps the blocks in
 order (DataContext's preserve_order), and the driver appends each batch to the entry's files as it
 comes (features.FeatureCache.writer), checking the rows: its memory holds a few batches.
@@ -54,6 +54,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import tlkit
+from tlkit import distribute, features, models, stream, train
+from tlkit.sources import DataError, ImageFiles
+from tlkit.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,6 @@ class Made:
 
 def check(spec: dict, variant: str, engine: str, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
     """Every bad input, before any data is loaded or Ray started (SpecError: one line, exit 2)."""
-    from tlkit.spec import SpecError
-
     if spec["augment"] or spec["trainable_base"]:
         raise SpecError(f"{variant}: augment / trainable_base run the whole network every epoch, so it has no "
                         "features to cache: pick a variant with a frozen base (baseline, finetune, ...)")
@@ -124,14 +127,10 @@ def make_features(variant: str, spec: dict, *, engine: str = "ray", address: str
     at `address`: 'local' starts Ray here with workers x cpus_per_worker CPUs, anything else is
     ray.init's address, 'auto' or ray://HEAD:10001). An already running Ray (ray.is_initialized())
     is used as it is. worker: the actor class (a subclass of BaseWorker; tests use one that dies)."""
-    from tlkit import features
-
     check(spec, variant, engine, workers, gpus_per_worker, cpus_per_worker)
     features.FeatureCache(cache_dir).check_writable()  # now, not after a pass over every image
     with connected(address, workers, cpus_per_worker) if engine == "ray" else nullcontext():
         import keras  # after the checks and the connection: they fail in a second, TensorFlow takes several to load
-
-        from tlkit import distribute, models, train
 
         # The entries' features in the spec's precision, and here on its strategy's devices, as train builds them.
         with models.precision(spec), distribute.scope(spec) if engine == "local" else nullcontext():
@@ -165,8 +164,6 @@ class _Timed:
         return self.engine.made_by
 
     def features(self, fields: dict, extractor, images: dict, batch_size: int):
-        from tlkit import features
-
         started = time.monotonic()
         yield from self.engine.features(fields, extractor, images, batch_size)
         self.passes.append(Pass(key=features.key_of(fields), boundary=fields["boundary"],
@@ -179,8 +176,6 @@ class _Timed:
 def runtime_env() -> dict:
     """What Ray's workers get: this machine's tlkit package (py_modules: the folder alone, so the
     workers run the code that computed the keys), and TensorFlow's settings."""
-    import tlkit
-
     return {"py_modules": [str(Path(tlkit.__file__).parent)],
             "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's info lines, from every worker, buried tlkit's
                          # TensorFlow takes all of a GPU's memory by default: actors sharing one
@@ -260,8 +255,6 @@ class BaseWorker:
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
         import keras
 
-        from tlkit import models
-
         with models.precision(spec):
             keras.utils.set_random_seed(spec["seed"])  # as train and make_features do: 'none' weights are the seed's
             network = models.build(spec, num_classes, models.load_base(spec["base"], spec["weights"],
@@ -275,9 +268,6 @@ class BaseWorker:
     def images(self, split: str, batch: dict):
         """The uint8 pixels of the batch's rows of `split`, read as the local pass reads them."""
         import numpy as np
-
-        from tlkit import stream
-        from tlkit.data import ImageFiles
 
         source = self.sources[split]
         if isinstance(source, dict):
@@ -338,8 +328,6 @@ class RayPass:
         import numpy as np
         import ray
 
-        from tlkit.data import ImageFiles
-
         items, sources = [], {}
         for split, x in images.items():
             if isinstance(x, ImageFiles):
@@ -365,8 +353,6 @@ class RayPass:
     def _batches(self, dataset):
         """The dataset's output blocks in order; Ray's failures as one line (ClusterError), or the
         worker's own DataError (a file changed since loading) as the local pass raises it."""
-        from tlkit.data import DataError
-
         blocks = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
         while True:
             try:

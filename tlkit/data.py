@@ -38,16 +38,15 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from tlkit import stream
+from tlkit.sources import DataError, ImageFiles
+
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 VALIDATION_FRACTION = 0.1
-
-
-class DataError(ValueError):
-    """A bad data source: the message is one line naming the path/parameter and what is wrong."""
 
 
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays, which raises.
@@ -86,64 +85,6 @@ class Dataset:
         """Number of images per class name in split "train", "val" or "test"."""
         counts = np.bincount(self.labels(split), minlength=self.num_classes)
         return dict(zip(self.class_names, counts.tolist()))
-
-
-@dataclass(frozen=True, eq=False)
-class ImageFiles:
-    """A split of an image folder as its files: an array-like of uint8 (n, size, size, 3) images
-    that decodes only what is read. x[rows] (an int, a slice, an index array) decodes those
-    images; stream.batches(x, ...) streams them all; np.asarray(x) decodes every one (for small
-    data and tests: tlkit's own paths stream)."""
-
-    paths: np.ndarray  # of str, one per image
-    size: int
-    mirrored: bool = False  # each image mirrored left to right as it is decoded (the spec's `flip`)
-
-    dtype = np.dtype(np.uint8)
-    ndim = 4
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), self.size, self.size, 3)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index) -> np.ndarray:
-        # As numpy indexes: the first index picks images (only those are decoded), the rest their pixels.
-        index, within = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-        rows = np.arange(len(self))[index]
-        images, unreadable = self.decode(np.atleast_1d(rows))
-        if len(unreadable):
-            raise DataError(f"{self.paths[np.atleast_1d(rows)[unreadable[0]]]}: can no longer be read "
-                            "(the folder changed after it was loaded)")
-        if np.ndim(rows):
-            return images[(slice(None), *within)]
-        return images[0][within]
-
-    def __array__(self, dtype=None, copy=None):
-        images = self[:]
-        return images if dtype is None else images.astype(dtype)
-
-    def decode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 images of `rows`, positions in `rows` of the files that could not be read: zeros there)."""
-        images = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
-        unreadable = []
-        for j, row in enumerate(rows):
-            image = _read_image(self.paths[row], self.size)
-            if image is None:
-                unreadable.append(j)
-            else:
-                images[j] = image[:, ::-1] if self.mirrored else image
-        return images, np.array(unreadable, dtype=np.int64)
-
-    def take(self, rows) -> ImageFiles:
-        """The images at `rows`, still as files."""
-        return ImageFiles(self.paths[rows], self.size, self.mirrored)
-
-    def mirror(self) -> ImageFiles:
-        """The same images mirrored left to right."""
-        return ImageFiles(self.paths, self.size, not self.mirrored)
 
 
 def rows_of(x, rows):
@@ -437,8 +378,6 @@ def _scan(class_names, image_size, files, chosen) -> tuple[str, dict[str, np.nda
     """Decode the chosen files once, streaming (stream.scan): (data_digest of their pixels and
     labels, positions of the files that could not be read per split). The digest is the one of
     the decoded arrays (data_digest), so a folder keeps its digest and its cache entries."""
-    from tlkit import stream
-
     shape = {split: (len(rows), image_size, image_size, 3) for split, rows in chosen.items()}
     h = _digest_start(class_names, image_size, shape["train"], shape["test"])
     found = {}
@@ -471,25 +410,6 @@ def _image_files(class_dir: str) -> list[str]:
                      if not name.startswith(".")
                      and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
     return files
-
-
-def _read_image(path: str, size: int) -> np.ndarray | None:
-    """The image at path as uint8 (size, size, 3), or None if it cannot be read."""
-    # The served model's own conversion (serving.py is bundled with it and imports nothing of tlkit).
-    from tlkit.serving import UNREADABLE, to_rgb
-
-    try:
-        with Image.open(path) as image:
-            if image.size != (size, size):
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale (never below size), much
-                # faster for large photos. Other formats ignore it.
-                image.draft(None, (size, size))
-            image = to_rgb(image)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image)
-    except UNREADABLE:
-        return None
 
 
 # --- shared --------------------------------------------------------------------------

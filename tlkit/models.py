@@ -9,14 +9,16 @@ The network is built in three parts so that training can skip the frozen part:
 `full` shares its layers (and so its weights) with the two parts: training `trainable` on cached
 features trains `full`. The scaling that training used lives inside the model, so the logged model
 takes raw pixels and a user never has to reproduce it.
+
+Every import of a library is inside the functions: `tlkit --help` loads this module (spec.validate
+reads BASES and HEADS), and numpy alone took 66 ms of its 76 ms (`python -X importtime -c "import
+tlkit.cli"`, AMD EPYC Zen 4, 2 cores), half of what the whole help took.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def preprocessing_layer(base: str, preprocess: str):
     frozen 3x3 Dense on the channel axis (or a Rescaling where it is a plain scale).
     """
     import keras
+    import numpy as np
     from keras import layers
 
     if preprocess == "unit":

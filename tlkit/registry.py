@@ -27,15 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit.compare import experiment_name, logged_models, variant_runs
+from tlkit import reports, stats, tracking
+from tlkit.runs import RegistryError, experiment_name, logged_models, variant_runs
+from tlkit.serving import COLUMN, UNREADABLE, decode
+
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-
-
-class RegistryError(ValueError):
-    """Nothing to compare or promote, or a model URI that names nothing: one line saying which."""
 
 
 # --- promote ----------------------------------------------------------------------------------
@@ -205,7 +204,6 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         champion = None
     said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
     report = None
-    from tlkit import tracking
 
     # The best run's per-image predictions: downloaded once, and only if the description or the
     # decision needs them.
@@ -265,8 +263,6 @@ def promotion_report(mine, champion, candidate_run: str, accuracy: float, held: 
     """The candidate (its per-image predictions `mine`, or None) weighed against the champion on the
     same test images: the gain with its 95% interval, McNemar's exact p on the paired outcomes,
     per-class accuracy changes, and the verdict."""
-    from tlkit import stats, tracking
-
     rule = {"min_gain_points": float(min_gain), "significance": float(significance), "champion_version": str(champion.version),
             "champion_run_id": champion.run_id or "", "candidate_run_id": candidate_run}
     theirs = tracking.load_predictions(champion.run_id or "")
@@ -305,8 +301,6 @@ def promotion_report(mine, champion, candidate_run: str, accuracy: float, held: 
 def _record(client, name: str, version, run, report: dict, predictions) -> None:
     """The decision on the version (tags, description) and as a report on the candidate's run."""
     import mlflow
-
-    from tlkit import reports
 
     tags = {"promotion_decision": "promoted" if report["promoted"] else "kept",
             "promotion_against": report.get("champion_version", ""), "promotion_gain_points": f"{report['gain_points']:.4f}",
@@ -360,8 +354,6 @@ def load(model_uri: str):
 def read_image(path: str) -> np.ndarray:
     """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes. The served model
     decodes a file's bytes with this very function (serving.decode)."""
-    from tlkit.serving import UNREADABLE, decode
-
     try:
         return decode(Path(path).read_bytes())
     except FileNotFoundError:
@@ -373,8 +365,6 @@ def read_image(path: str) -> np.ndarray:
 def predict(model_uri: str, paths: list[str]) -> list[tuple[str, str, float]]:
     """(path, label, probability) per image, in the order given."""
     import pandas as pd
-
-    from tlkit.serving import COLUMN
 
     images = [read_image(p) for p in paths]  # all checked before the model loads
     model = load(model_uri)

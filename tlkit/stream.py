@@ -1,6 +1,6 @@
 """Images streamed from their files: the tf.data pipelines that read a split a batch at a time.
 
-An image folder's splits are data.ImageFiles, lists of files. Whatever reads their pixels comes
+An image folder's splits are sources.ImageFiles, lists of files. Whatever reads their pixels comes
 through here: the feature pass (features.py), whole-network training and validation
 (fastpath.batches), inference (fastpath.predict) and loading's own scan for unreadable files and
 the digest (data.py). A pipeline cuts the rows into batches, decodes the batches in parallel
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlkit.data import ImageFiles
+from tlkit.sources import ImageFiles
 
 SCAN_BATCH = 64  # images per decode task when loading scans a folder
 

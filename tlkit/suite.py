@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import compare, registry, spec as specs, tracking, train, tune
+from tlkit.sources import DataError
+from tlkit.spec import SpecError
+
 log = logging.getLogger(__name__)
 
 # The order the children run in: finetune's pass of the base serves every frozen variant after it.
@@ -51,8 +55,6 @@ class SuiteError(RuntimeError):
 
 def parse_variants(text: str) -> list[str]:
     """'all' or a comma-separated subset of DEFAULT_VARIANTS (or .toml spec files), checked."""
-    from tlkit import spec as specs
-
     if text.strip() in ("", "all"):
         return list(DEFAULT_VARIANTS)
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -65,25 +67,17 @@ def parse_variants(text: str) -> list[str]:
 
 def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
     """Every child's full spec, validated before anything runs (bad input fails at once)."""
-    from tlkit import spec as specs
-
     specs_by_variant = {v: specs.load(v, overrides) for v in variants}
     for variant in variants:
         search = specs.variant_search(variant)
         if search is not None:  # a search variant (tune): its settings checked now too
-            from tlkit import tune
-
             tune.check(specs_by_variant[variant], tune.load_search(variant))
     return specs_by_variant
 
 
 def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
-    from tlkit import spec as specs, train
-
     if specs.variant_search(variant) is None:
         return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
-    from tlkit import tune
-
     return tune.tune(spec, variant=variant, cache_dir=cache_dir, nested=True, dataset=dataset)
 
 
@@ -95,9 +89,6 @@ def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> d
     whose data differ in digest fail here, before any training, naming them (SpecError). Without
     it, children whose data differ each load their own when they run (None here): one data set in
     memory at a time."""
-    from tlkit import train
-    from tlkit.spec import SpecError
-
     if not one_digest and len({train.data_key(spec) for spec in specs_by_variant.values()}) > 1:
         return dict.fromkeys(specs_by_variant)
     loaded: dict[tuple, object] = {}
@@ -174,8 +165,6 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
     import keras
     import mlflow
 
-    from tlkit.data import DataError
-
     failed: dict[str, str] = {}
     for number, variant in enumerate(variants, 1):
         log.info("suite: %s (%d of %d)", variant, number, len(variants))
@@ -205,8 +194,6 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
     """Run the children under one parent run, then compare and promote. Raises SuiteError at the
     end if any child failed (after comparing and promoting among the finished ones)."""
     import mlflow
-
-    from tlkit import compare, registry, tracking, train
 
     specs_by_variant = child_specs(variants, overrides)
     registry.check_gate(min_gain, significance)

@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import models, stats
+from tlkit.serving import COLUMN
+from tlkit.sources import ImageFiles
+
 SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -250,8 +254,6 @@ def log_dataset(dataset) -> None:
     import mlflow
     import pandas as pd
 
-    from tlkit.data import ImageFiles
-
     source = CIFAR10_URL if dataset.name == "cifar10" and not Path(dataset.source).exists() else dataset.source
     for context, x, y in (("train", dataset.x_train, dataset.y_train), ("validation", dataset.x_val, dataset.y_val),
                           ("test", dataset.x_test, dataset.y_test)):
@@ -282,8 +284,6 @@ def load_predictions(run_id: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tlkit import stats
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=stats.PREDICTIONS_ARTIFACT,
@@ -305,9 +305,6 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
-
-    from tlkit import models
-    from tlkit.serving import COLUMN
 
     # binary: MLflow's scoring server base64-decodes the column of a dataframe_split or
     # dataframe_records request (serving.py decodes an `inputs` request's base64 itself).

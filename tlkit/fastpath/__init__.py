@@ -30,6 +30,10 @@ import warnings
 
 import numpy as np
 
+from tlkit import distribute, stream
+from tlkit.fastpath import batches, optimizers, views
+from tlkit.sources import ImageFiles
+
 PLAIN_KERAS_ENV = "TLKIT_PLAIN_KERAS"
 
 # Steps per call into TensorFlow when a head trains on cached features: a step of a Dense head is
@@ -52,16 +56,12 @@ def plain_keras() -> bool:
     one device (fused kernels on one copy of a variable, state built before Keras's distributed
     set-up, batches drawn outside Keras's split between replicas, eager inference on one device);
     Keras's own compile, fit and predict run on every replica."""
-    from tlkit import distribute
-
     return os.environ.get(PLAIN_KERAS_ENV, "").strip().lower() in ("1", "true", "yes") or distribute.in_use()
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
     """The spec's optimizer: Keras's Adam or SGD; fused (optimizers.py) unless plain_keras()."""
     import keras
-
-    from tlkit.fastpath import optimizers
 
     module = keras.optimizers if plain_keras() else optimizers
     if name == "sgd":
@@ -72,8 +72,6 @@ def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
 def training_view(model):
     """The form in which `model` trains (views.training_view, or the same layers under
     plain_keras()): what a trial's checkpoint was saved from, so what it loads into."""
-    from tlkit.fastpath import views
-
     return views.training_view(model, rewrite=not plain_keras())
 
 
@@ -97,8 +95,6 @@ def compiled(model, spec: dict, learning_rate: float, *, on_features: bool):
 
 def finish(view) -> None:
     """Copy what the view's own layers trained (centre taps) into the network's layers."""
-    from tlkit.fastpath import views
-
     views.write_back(view)
 
 
@@ -128,11 +124,6 @@ def fit_arguments(*args, **options) -> dict:
     import inspect
 
     import keras
-
-    from tlkit.fastpath import batches
-
-    from tlkit import stream
-    from tlkit.data import ImageFiles
 
     mirror_images = options.pop(MIRRORED, None)
     options = inspect.signature(keras.Model.fit).bind_partial(None, *args, **options).arguments
@@ -194,9 +185,6 @@ def predict(model, x) -> np.ndarray:
     calls on chunks of INFERENCE_BATCH, or model.predict under plain_keras(); the same numbers
     (tests/test_fastpath.py)."""
     import keras
-
-    from tlkit import stream
-    from tlkit.data import ImageFiles
 
     if isinstance(x, ImageFiles):  # images read from their files a batch at a time
         inputs = stream.batches(x, INFERENCE_BATCH)

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 
+from tlkit import stream
+from tlkit.sources import ImageFiles
+
 
 def training_batches(x, y, batch_size: int, x_mirrored=None):
     """The batches model.fit(x, y, batch_size, shuffle=True) trains on, in the same order, as a dataset.
@@ -20,14 +23,11 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     in the calling thread: with steps of a millisecond or two (a head on cached features) the
     hand-off through the buffer costs more than the gather (README, "Speed").
 
-    x as data.ImageFiles (an image folder, streamed): the same permutation, each batch's files
+    x as sources.ImageFiles (an image folder, streamed): the same permutation, each batch's files
     decoded in a parallel map (stream.decoded), so the same batches in the same order as the arrays.
     """
     import keras
     import tensorflow as tf
-
-    from tlkit import stream
-    from tlkit.data import ImageFiles
 
     def as_tensor(array):
         array = np.asarray(array)
