@@ -120,3 +120,42 @@ def test_no_import_circle_among_tlkit_modules():
     assert "tlkit.cli" in graph and graph["tlkit.cli"], "the graph found no imports: the reader is broken"
     found = circles(graph)
     assert not found, "import circle(s): " + "; ".join(" -> ".join(path) for path in found)
+
+
+# --- which kind of image data: asked in sources.py alone ------------------------------------------
+
+# The kinds of a split (sources.py) and numpy's array type, which `sources.of` makes a Source.
+KINDS = ("ImageFiles", "InMemory", "Source", "ndarray")
+# serving.py reads a request's rows (bytes or a pixel array per row), not a split: the served model
+# is bundled without tlkit, so it cannot ask sources.py.
+MAY_ASK = {"tlkit.sources": "the data-source module", "tlkit.serving": "a request's rows, not a split"}
+
+
+def kind_questions(path: Path) -> list[str]:
+    """`isinstance(x, K)` calls in the file with K (or a tuple holding K) naming one of KINDS, each as
+    'file:line: call'."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
+                and len(node.args) == 2:
+            named = {n.attr if isinstance(n, ast.Attribute) else n.id
+                     for n in ast.walk(node.args[1]) if isinstance(n, (ast.Name, ast.Attribute))}
+            if named & set(KINDS):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_kind_questions_are_found(tmp_path):
+    (tmp_path / "m.py").write_text("import numpy as np\ndef f(x):\n    return isinstance(x, (list, np.ndarray))\n"
+                                   "def g(x):\n    return isinstance(x, dict) or isinstance(x, sources.ImageFiles)\n")
+    assert kind_questions(tmp_path / "m.py") == ["m.py:3: isinstance(x, (list, np.ndarray))",
+                                                 "m.py:5: isinstance(x, sources.ImageFiles)"]
+
+
+def test_only_the_data_source_module_asks_which_kind_of_image_data_it_has():
+    """Arrays in memory or files streamed: sources.Source answers for both (read, take, mirror,
+    in_memory, hash_into, ...); a module that asks isinstance(x, ImageFiles) or isinstance(x,
+    np.ndarray) is making the choice again."""
+    asked = [f"{name}: {question}" for name, path in module_files().items() if name not in MAY_ASK
+             for question in kind_questions(path)]
+    assert not asked, "ask the sources.Source instead:\n" + "\n".join(asked)

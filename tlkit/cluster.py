@@ -28,15 +28,15 @@ Why Ray Data, not Spark (the two engines the issue names):
   always die would never end: tlkit sets both to `retries`, 3 by default). When they are spent
   the pass fails with one line, and the entry's temporary folder is removed (features.writer).
 
-How: the items are (split, row[, path]) in blocks of about a batch; actors read the rows with
-stream.reader, the function the local pass decodes with (sources.read_image for files), so the
-pixels are the same, and return the features with their split and row. Ray keeps the blocks in
+How: each split's sources.Source (the list of files, or the array) goes to the actors once,
+through Ray's object store, and the items are (split, row) in blocks of about a batch; actors read
+the rows with stream.reader, the function the local pass reads with (sources.read_image for files),
+so the pixels are the same, and return the features with their split and row. Ray keeps the blocks in
 order (DataContext's preserve_order), and the driver appends each batch to the entry's files as it
 comes (features.FeatureCache.writer), checking the rows: its memory holds a few batches.
 
 On a cluster every path must be readable at the same place on every node: the image folder (a
-shared filesystem) and a weights file. Array sources (cifar10, .npz) go to the actors through
-Ray's object store instead. Each node needs tlkit's dependencies installed (TensorFlow, Keras,
+shared filesystem) and a weights file. Array sources (cifar10, .npz) go with their pixels. Each node needs tlkit's dependencies installed (TensorFlow, Keras,
 Pillow, scikit-learn: the cluster's image); the runtime environment's `py_modules` ships this
 machine's own tlkit package folder (kilobytes) to the workers, so they run the code that computed
 the keys. `working_dir` would upload the current folder, whatever it holds (images, mlruns, caches).
@@ -56,8 +56,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import tlkit
-from tlkit import distribute, features, models, stream, train
-from tlkit.sources import DataError, ImageFiles
+from tlkit import distribute, features, models, sources, stream, train
+from tlkit.sources import DataError
 from tlkit.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,8 @@ def _check_gpus(address: str, workers: int, gpus_per_worker: float) -> None:
 class BaseWorker:
     """A Ray actor of the pass: builds the extractor once, then turns batches of rows into features.
 
-    sources: per split, {'size', 'mirrored'} for image files (the batch carries their paths) or
-    {'pixels': an ObjectRef of the uint8 array} for array sources."""
+    sources: per split, an ObjectRef of its sources.Source (the list of files, or the array), read
+    through the source's own batch reader as the local pass reads it."""
 
     def __init__(self, spec: dict, num_classes: int, layer: str, sources: dict):
         import ray
@@ -262,18 +262,13 @@ class BaseWorker:
             # The extractor train would use for this boundary (frozen_features): the network's own, or a cut.
             self.extractor = network.extractor if layer == network.boundary else models.extractor_to(network, spec,
                                                                                                       layer)
-        self.sources = {split: ray.get(source["pixels"]) if "pixels" in source else source
-                        for split, source in sources.items()}
+        self.sources = {split: ray.get(source) for split, source in sources.items()}
 
     def images(self, split: str, batch: dict):
         """The uint8 pixels of the batch's rows of `split`, read as the local pass reads them."""
         import numpy as np
 
-        source = self.sources[split]
-        if isinstance(source, dict):
-            files = ImageFiles(np.asarray(batch["path"], dtype=object), source["size"], source["mirrored"])
-            return stream.reader(files)(np.arange(len(files)))
-        return stream.reader(source)(np.asarray(batch["row"], dtype=np.int64))
+        return stream.reader(self.sources[split])(np.asarray(batch["row"], dtype=np.int64))
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -325,17 +320,12 @@ class RayPass:
 
     def _dataset(self, layer: str, images: dict, batch_size: int):
         """The items, in blocks of about a batch, mapped by an actor pool."""
-        import numpy as np
         import ray
 
-        items, sources = [], {}
-        for split, x in images.items():
-            if isinstance(x, ImageFiles):
-                sources[split] = {"size": x.size, "mirrored": x.mirrored}
-                items += [{"split": split, "row": row, "path": str(path)} for row, path in enumerate(x.paths)]
-            else:
-                sources[split] = {"pixels": ray.put(np.asarray(x))}
-                items += [{"split": split, "row": row} for row in range(len(x))]
+        # Each split's source once in Ray's object store (an array's pixels go out of band: the workers
+        # on a node map one copy), the items its rows.
+        refs = {split: ray.put(sources.of(x)) for split, x in images.items()}
+        items = [{"split": split, "row": row} for split, x in images.items() for row in range(len(x))]
         # from_items builds the blocks here (from_pandas ran a Ray task per block to read its schema);
         # a block a batch gives every worker work from the start.
         blocks = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
@@ -346,7 +336,7 @@ class RayPass:
                 self.worker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers),
                 num_gpus=self.gpus or None, num_cpus=self.cpus,
                 fn_constructor_kwargs={"spec": self.spec, "num_classes": self.num_classes, "layer": layer,
-                                       "sources": sources},
+                                       "sources": refs},
                 # Ray Data's defaults are -1, forever: a worker that always dies would never end the pass.
                 max_restarts=self.retries, max_task_retries=self.retries)
 

@@ -14,21 +14,20 @@ Every source ends up the same way, following the original notebook: uint8 RGB im
 ``image_size`` x ``image_size`` (scaling to [0, 1] lives in the model), float32 one-hot
 labels, and 10% of the training images split off for validation.
 
-An image folder is not decoded into memory: its splits are `ImageFiles`, the list of files,
-decoded a batch at a time wherever they are read (stream.py's tf.data pipelines), so a folder of
-any size takes the memory of a few batches. Loading it decodes every sampled image once, in that
-same streaming way, to find unreadable files and to compute the digest of the pixels; the keras
-download and .npz files are arrays already and stay arrays.
+A Dataset's image splits are sources.Source, read through one interface whatever holds them: an
+image folder is not decoded into memory, its splits are `sources.ImageFiles`, the list of files,
+decoded a batch at a time wherever they are read, so a folder of any size takes the memory of a
+few batches. Loading it decodes every sampled image once, in that same streaming way, to find
+unreadable files and to compute the digest of the pixels; the keras download and .npz files are
+arrays already and stay arrays (`sources.InMemory`).
 
-One module for the three sources (about 480 lines): they share the split, limit, class and digest
-rules and the wording of their errors, which is what a user meets first; apart, each rule would
-have to be kept the same in three places.
+One module for the three sources: they share the split, limit, class and digest rules and the
+wording of their errors, which is what a user meets first; apart, each rule would have to be kept
+the same in three places. What a split is once loaded (files or an array) is sources.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 import os
 import warnings
@@ -38,7 +37,7 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from tlkit import stream
+from tlkit import sources
 from tlkit.sources import DataError, ImageFiles
 
 CIFAR10_CLASSES = (
@@ -52,19 +51,25 @@ VALIDATION_FRACTION = 0.1
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays, which raises.
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded data set: uint8 images (n, size, size, 3) and float32 one-hot labels."""
+    """A loaded data set: uint8 images (n, size, size, 3), each split a sources.Source, and float32
+    one-hot labels."""
 
     name: str
     source: str
     class_names: tuple[str, ...]
-    x_train: np.ndarray
+    x_train: sources.Source
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: sources.Source
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: sources.Source
     y_test: np.ndarray
     digest: str
     skipped_files: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Each image split as a sources.Source, whoever built the Dataset (load, or a test with arrays).
+        for split in ("x_train", "x_val", "x_test"):
+            object.__setattr__(self, split, sources.of(getattr(self, split)))
 
     @property
     def num_classes(self) -> int:
@@ -85,11 +90,6 @@ class Dataset:
         """Number of images per class name in split "train", "val" or "test"."""
         counts = np.bincount(self.labels(split), minlength=self.num_classes)
         return dict(zip(self.class_names, counts.tolist()))
-
-
-def rows_of(x, rows):
-    """x[rows] for an array, x.take(rows) (still files) for ImageFiles."""
-    return x.take(rows) if isinstance(x, ImageFiles) else x[rows]
 
 
 def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
@@ -138,7 +138,8 @@ def split_and_encode(x: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     train_idx, val_idx = train_test_split(
         np.arange(len(x)), test_size=VALIDATION_FRACTION, random_state=seed)
-    return rows_of(x, train_idx), one_hot[train_idx], rows_of(x, val_idx), one_hot[val_idx]
+    x = sources.of(x)
+    return x.take(train_idx), one_hot[train_idx], x.take(val_idx), one_hot[val_idx]
 
 
 def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -158,20 +159,8 @@ def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def data_digest(class_names, image_size: int, x_train, labels_train, x_test, labels_test) -> str:
-    """sha256 of the data actually used (before the validation split), as hex."""
-    h = _digest_start(class_names, image_size, x_train.shape, x_test.shape)
-    for array in (x_train, labels_train.astype("<i8"), x_test, labels_test.astype("<i8")):
-        h.update(np.ascontiguousarray(array).data)
-    return h.hexdigest()
-
-
-def _digest_start(class_names, image_size: int, train_shape, test_shape):
-    """data_digest's hash with its header in: the pixels and labels follow, train then test."""
-    h = hashlib.sha256()
-    header = {"class_names": list(class_names), "image_size": int(image_size),
-              "train": list(train_shape), "test": list(test_shape)}
-    h.update(json.dumps(header).encode())
-    return h
+    """sha256 of the data actually used (before the validation split), as hex (sources.digest)."""
+    return sources.digest(class_names, image_size, x_train, labels_train, x_test, labels_test)[0]
 
 
 # --- sources -------------------------------------------------------------------------
@@ -375,23 +364,14 @@ def _sample_readable(split_dir, class_names, labels, unreadable, limit, seed) ->
 
 
 def _scan(class_names, image_size, files, chosen) -> tuple[str, dict[str, np.ndarray]]:
-    """Decode the chosen files once, streaming (stream.scan): (data_digest of their pixels and
+    """Decode the chosen files once, streaming (sources.digest): (data_digest of their pixels and
     labels, positions of the files that could not be read per split). The digest is the one of
     the decoded arrays (data_digest), so a folder keeps its digest and its cache entries."""
-    shape = {split: (len(rows), image_size, image_size, 3) for split, rows in chosen.items()}
-    h = _digest_start(class_names, image_size, shape["train"], shape["test"])
-    found = {}
-    for split in ("train", "test"):
-        paths, labels = files[split]
-        rows = chosen[split]
-        failed = []
-        for start, images, unreadable in stream.scan(ImageFiles(paths[rows], image_size)):
-            failed.extend(rows[start + unreadable])
-            if not failed:
-                h.update(images.data)
-        found[split] = np.array(failed, dtype=np.int64)
-        h.update(labels[rows].astype("<i8").data)
-    return h.hexdigest(), found
+    (x_train, labels_train), (x_test, labels_test) = (
+        (ImageFiles(files[split][0][chosen[split]], image_size), files[split][1][chosen[split]])
+        for split in ("train", "test"))
+    digest, unreadable = sources.digest(class_names, image_size, x_train, labels_train, x_test, labels_test)
+    return digest, {split: chosen[split][rows] for split, rows in unreadable.items()}
 
 
 def _class_folders(split_dir: str) -> list[str]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit import distribute, stream
+from tlkit import distribute, sources, stream
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class LocalPass:
     def features(self, fields: dict, extractor, images: dict, batch_size: int):
         """(split, features of the next batch) for every batch of every split, in order."""
         for split, x in images.items():
-            for batch in stream.batches(x, batch_size):
+            for batch in stream.batches(sources.of(x), batch_size):
                 # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, the
                 # batch split between the replicas under a distribution strategy: distribute.py),
                 # one batch at a time, so nothing accumulates.

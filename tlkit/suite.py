@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tlkit import compare, registry, spec as specs, tracking, train, tune
 from tlkit.sources import DataError
 from tlkit.spec import SpecError
@@ -95,10 +93,11 @@ def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> d
     for spec in specs_by_variant.values():
         if train.data_key(spec) not in loaded:
             dataset = train.load_dataset(spec)
-            for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test,
-                          dataset.y_test):
-                if isinstance(array, np.ndarray):  # (an image folder's images are files, read afresh)
-                    array.flags.writeable = False  # a child that wrote into it would change the next child's data
+            # A child that wrote into them would change the next child's data.
+            for images in (dataset.x_train, dataset.x_val, dataset.x_test):
+                images.make_read_only()  # (an image folder's images are files, read afresh)
+            for labels in (dataset.y_train, dataset.y_val, dataset.y_test):
+                labels.flags.writeable = False
             loaded[train.data_key(spec)] = dataset
     by_variant = {v: loaded[train.data_key(spec)] for v, spec in specs_by_variant.items()}
     digests = {d.digest for d in by_variant.values()}

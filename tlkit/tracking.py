@@ -32,7 +32,6 @@ import numpy as np
 
 from tlkit import models, stats
 from tlkit.serving import COLUMN
-from tlkit.sources import ImageFiles
 
 SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -252,7 +251,6 @@ def mark_training_experiment(experiment_id: str) -> None:
 
 def log_dataset(dataset) -> None:
     import mlflow
-    import pandas as pd
 
     source = CIFAR10_URL if dataset.name == "cifar10" and not Path(dataset.source).exists() else dataset.source
     for context, x, y in (("train", dataset.x_train, dataset.y_train), ("validation", dataset.x_val, dataset.y_val),
@@ -261,12 +259,7 @@ def log_dataset(dataset) -> None:
         with warnings.catch_warnings():  # MLflow registers two local sources and warns that it picks one
             warnings.simplefilter("ignore", UserWarning)
             name, digest = f"{dataset.name}-{context}", dataset.digest[:32]  # MLflow caps digests at 36 characters
-            if isinstance(x, ImageFiles):
-                # A folder's images are files: logged as the file list (from_numpy would decode them all).
-                table = pd.DataFrame({"path": x.paths, "label": y.argmax(axis=1)})
-                ds = mlflow.data.from_pandas(table, targets="label", source=source, name=name, digest=digest)
-            else:
-                ds = mlflow.data.from_numpy(x, targets=y.argmax(axis=1), source=source, name=name, digest=digest)
+            ds = x.as_mlflow_dataset(y.argmax(axis=1), source=source, name=name, digest=digest)
             # (A file list's integer labels make MLflow hint, once per split, at missing values it cannot have.)
             mlflow.log_input(ds, context=context, tags={"images": str(len(x)),
                                                         "class_names": ",".join(dataset.class_names)})

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from tlkit import data, distribute, evaluate, fastpath, features, models, spec as specs, tracking
-from tlkit.sources import ImageFiles
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +133,6 @@ def load_dataset(spec: dict):
     return dataset
 
 
-def mirrored(images):
-    """Each image mirrored left to right (the width axis of (n, height, width, channels)); images
-    read from files (sources.ImageFiles) are mirrored as they are decoded."""
-    if isinstance(images, ImageFiles):
-        return images.mirror()
-    return np.ascontiguousarray(images[:, :, ::-1])
-
-
 def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below_top: bool = False,
                     engine=None):
     """The extractor's outputs for the train, val and test images: from the cache, or computed once.
@@ -166,7 +157,7 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
     got = _cached_features(network, dataset, spec, cache, images, "", cache_below_top, engine)
     if spec["flip"]:
-        flipped = _cached_features(network, dataset, spec, cache, {"train": mirrored(dataset.x_train)}, "hflip",
+        flipped = _cached_features(network, dataset, spec, cache, {"train": dataset.x_train.mirror()}, "hflip",
                                    cache_below_top, engine)
         got.train_mirrored = flipped.train
         if got.base_output is not None:

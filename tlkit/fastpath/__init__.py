@@ -30,9 +30,8 @@ import warnings
 
 import numpy as np
 
-from tlkit import distribute, stream
+from tlkit import distribute, sources, stream
 from tlkit.fastpath import batches, optimizers, views
-from tlkit.sources import ImageFiles
 
 PLAIN_KERAS_ENV = "TLKIT_PLAIN_KERAS"
 
@@ -129,31 +128,30 @@ def fit_arguments(*args, **options) -> dict:
     options = inspect.signature(keras.Model.fit).bind_partial(None, *args, **options).arguments
     options.pop("self")
     options.update(options.pop("kwargs", {}))
-    x, y = options.get("x"), options.get("y")
-    if isinstance(x, ImageFiles):
-        # Images read from their files (stream.py), both ways: Keras's own array pipeline needs the
-        # pixels in memory, and a tf.data dataset is what plain Keras streams from.
-        batch_size = options["batch_size"] = options.get("batch_size") or 32
-        validation = options.get("validation_data")
-        if isinstance(validation, tuple) and len(validation) == 2 and isinstance(validation[0], ImageFiles):
-            options["validation_data"] = stream.batches(validation[0], batch_size, labels=validation[1])
-            options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
-        options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
-        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
-        return options
-    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or options.get("validation_split"):
+    x, y = sources.of(options.get("x")), options.get("y")
+    if x is None or sources.of(y) is None or options.get("validation_split"):
         if mirror_images is not None:
             raise ValueError("mirrored training features need the training features as arrays")
         return options  # a dataset or a split to make: Keras's to serve
     batch_size = options["batch_size"] = options.get("batch_size") or 32  # Keras's default for arrays
+    validation = options.get("validation_data")
+    x_val = sources.of(validation[0]) if isinstance(validation, tuple) and len(validation) == 2 else None
+    if x.in_memory() is None:
+        # Samples read a batch at a time (files: stream.py), both ways: Keras's own array pipeline
+        # needs them in memory, and a tf.data dataset is what plain Keras streams from.
+        if x_val is not None and x_val.in_memory() is None:
+            options["validation_data"] = stream.batches(x_val, batch_size, labels=validation[1])
+            options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
+        options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
+        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
+        return options
     if plain_keras():
         if mirror_images is not None:
-            options["x"] = batches.mirrored_draws(x, options.pop("y"), batch_size, mirror_images)
+            options["x"] = batches.mirrored_draws(x.in_memory(), options.pop("y"), batch_size, mirror_images)
             options.pop("batch_size")  # Keras refuses a batch size beside a PyDataset
         return options
-    validation = options.get("validation_data")
-    if isinstance(validation, tuple) and len(validation) == 2 and all(isinstance(a, np.ndarray) for a in validation):
-        options["validation_data"] = batches.validation_batches(*validation, batch_size)
+    if x_val is not None and x_val.in_memory() is not None and sources.of(validation[1]) is not None:
+        options["validation_data"] = batches.validation_batches(x_val.in_memory(), validation[1], batch_size)
         options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
     options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
     options["x"] = batches.training_batches(x, options.pop("y"), batch_size, mirror_images)
@@ -186,12 +184,14 @@ def predict(model, x) -> np.ndarray:
     (tests/test_fastpath.py)."""
     import keras
 
-    if isinstance(x, ImageFiles):  # images read from their files a batch at a time
+    x = sources.of(x)
+    pixels = x.in_memory()
+    if pixels is None:  # samples read a batch at a time (files: stream.py)
         inputs = stream.batches(x, INFERENCE_BATCH)
         if plain_keras():
             return np.asarray(model.predict(inputs, verbose=0))
         return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False)) for batch in inputs])
     if plain_keras():
-        return np.asarray(model.predict(np.asarray(x), batch_size=INFERENCE_BATCH, verbose=0))
-    return np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + INFERENCE_BATCH]), training=False))
-                           for i in range(0, len(x), INFERENCE_BATCH)])
+        return np.asarray(model.predict(pixels, batch_size=INFERENCE_BATCH, verbose=0))
+    return np.concatenate([keras.ops.convert_to_numpy(model(pixels[i:i + INFERENCE_BATCH], training=False))
+                           for i in range(0, len(pixels), INFERENCE_BATCH)])
