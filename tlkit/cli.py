@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from tlkit import __version__
+from tlkit.messages import first_line
 from tlkit.spec import FIELDS
 
 log = logging.getLogger("tlkit")
@@ -102,24 +103,19 @@ def friendly_errors(command):
         except runtime_errors as err:
             if debug:
                 raise
-            raise click.ClickException(_first_line(err)) from None
+            raise click.ClickException(first_line(err)) from None
         except Exception as err:
             # Any other MLflow failure while running (the registry, the store): one line, exit 1.
             from mlflow.exceptions import MlflowException
 
             if debug or not isinstance(err, MlflowException):
                 raise
-            raise click.ClickException(f"MLflow: {_first_line(err)[:300]}") from None
+            raise click.ClickException(f"MLflow: {first_line(err, 300)}") from None
         except KeyboardInterrupt:
             click.echo("tlkit: interrupted; the run is marked KILLED", err=True)
             sys.exit(130)
 
     return wrapper
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

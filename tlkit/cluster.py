@@ -57,6 +57,7 @@ from urllib.parse import urlsplit
 
 import tlkit
 from tlkit import distribute, features, models, sources, stream, train
+from tlkit.messages import first_line
 from tlkit.sources import DataError
 from tlkit.spec import SpecError
 
@@ -200,7 +201,7 @@ def connected(address: str, workers: int, cpus_per_worker: float):
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError, SystemExit) as err:
         # SystemExit: ray.init exits the process when a GCS address stops answering mid-handshake.
-        raise ClusterError(f"ray: cannot connect to {address}: {_first_line(err)}") from None
+        raise ClusterError(f"ray: cannot connect to {address}: {first_line(err)}") from None
     try:
         yield
     finally:
@@ -361,10 +362,10 @@ class RayPass:
 
         if isinstance(err, ray.exceptions.RayActorError):
             return (f"ray: a worker of the feature pass died and Ray's retries are spent (--retries {self.retries}): "
-                    f"{_first_line(err)}")
+                    f"{first_line(err)}")
         if raised:
             return f"ray: a worker of the feature pass failed: {raised[0].rsplit('.', 1)[-1]}: {raised[1]}"
-        return f"ray: the feature pass failed: {type(err).__name__}: {_first_line(err)}"
+        return f"ray: the feature pass failed: {type(err).__name__}: {first_line(err)}"
 
 
 # How Python joins chained tracebacks; Ray sends a worker's traceback back as this text.
@@ -387,8 +388,3 @@ def raised_in_worker(err: BaseException) -> tuple[str, str] | None:
         if found:
             return found.group(1), found.group(2).strip()
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -38,6 +38,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tlkit import sources
+from tlkit.messages import first_line
 from tlkit.sources import DataError, ImageFiles
 
 CIFAR10_CLASSES = (
@@ -172,7 +173,7 @@ def _read_cifar10():
 
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as exc:  # keras raises a bare Exception for network failures
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         # keras 3 looks for the archive under this name (file_utils.get_file with
         # fname="cifar-10-batches-py-target" and extract=True) and checks its sha256.
         raise DataError(

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tlkit import reports, stats, tracking
+from tlkit.messages import first_line
 from tlkit.runs import RegistryError, experiment_name, logged_models, variant_runs
 from tlkit.serving import COLUMN, UNREADABLE, decode
 
@@ -344,8 +345,7 @@ def load(model_uri: str):
             return mlflow.pyfunc.load_model(model_uri, dst_path=download_to)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            first = str(err).strip().splitlines()[0][:200]
-            raise RegistryError(f"model {model_uri}: {first}") from None
+            raise RegistryError(f"model {model_uri}: {first_line(err, 200)}") from None
         raise
     except OSError as err:
         raise RegistryError(f"model {model_uri}: {err}") from None
@@ -401,6 +401,6 @@ def download(model_uri: str, dst: str) -> Path:
             shutil.rmtree(target, ignore_errors=True)  # no empty or half-written folder left behind
         if isinstance(err, MlflowException) and err.error_code in ("RESOURCE_DOES_NOT_EXIST",
                                                                     "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise RegistryError(f"model {model_uri}: {str(err).strip().splitlines()[0][:200]}") from None
+            raise RegistryError(f"model {model_uri}: {first_line(err, 200)}") from None
         raise
     return Path(local)

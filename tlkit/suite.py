@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlkit import compare, registry, spec as specs, tracking, train, tune
+from tlkit.messages import first_line
 from tlkit.sources import DataError
 from tlkit.spec import SpecError
 
@@ -175,7 +176,7 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
         except DataError:
             raise  # every child reads the same data: the rest would fail the same way
         except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
-            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            line = first_line(err, 300)
             failed[variant] = f"{type(err).__name__}: {line}"
             log.error("suite: %s failed: %s", variant, failed[variant])
             while mlflow.active_run() and mlflow.active_run().info.run_id != suite_id:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tlkit import models, stats
+from tlkit.messages import first_line
 from tlkit.serving import COLUMN
 
 SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
@@ -83,7 +84,7 @@ def check_reachable() -> str:
         if "401" in text or "403" in text:
             raise TrackingError(f"tracking server {uri} refused the credentials "
                                 "(check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
-        detail = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        detail = first_line(err, 200)
         raise TrackingError(f"tracking server {uri} is not usable: {detail}") from None
     finally:
         if previous is None:

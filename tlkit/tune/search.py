@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlkit import distribute, evaluate, fastpath, models, tracking, train
+from tlkit.messages import first_line
 from tlkit.spec import SpecError
 from tlkit.train import Result
 from tlkit.tune import distributed, resume, trials
@@ -216,7 +217,7 @@ def _work(spec: dict, search: Search | None = None, *, variant: str = "tune", se
         chief = mlflow.artifacts.load_dict(f"runs:/{parent}/search.json")
     except mlflow.exceptions.MlflowException as err:
         raise SpecError(f"{distributed.PARENT_ENV}={parent} is not a search run on {mlflow.get_tracking_uri()}: "
-                        f"{str(err).splitlines()[0][:200]}") from None
+                        f"{first_line(err, 200)}") from None
     dataset = train.load_dataset(spec)
     what = identity(spec, dataset.digest, search)
     if what != chief:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlkit import distribute, fastpath, tracking
+from tlkit.messages import first_line
 from tlkit.tune.errors import TuneError
 from tlkit.tune.space import HYPERBAND_FACTOR, OBJECTIVE
 
@@ -104,8 +105,8 @@ class TrackedTrials:
                 results = super().run_trial(trial, *args, **kwargs)
                 self._log_outcome(trial, results, tuner_utils)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("trial %s failed (%s); its run is marked FAILED and the search goes on", trial.trial_id, first)
+            log.warning("trial %s failed (%s); its run is marked FAILED and the search goes on", trial.trial_id,
+                        first_line(err))
             raise
         self.trials_run += 1
         return results
