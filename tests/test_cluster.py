@@ -148,11 +148,14 @@ def test_a_workers_data_error_comes_back_as_the_local_pass_raises_it(ray_local, 
     class FileGone(cluster.BaseWorker):  # local, so Ray pickles it by value
         """Finds a file gone since loading (stream.reader's error), without building the base."""
 
-        def __init__(self, *args, **kwargs):
-            pass
+        def __init__(self, *args, sources, **kwargs):
+            import ray
+
+            self.sources = {split: ray.get(source) for split, source in sources.items()}
 
         def __call__(self, batch):
-            raise DataError(f"{batch['path'][0]}: can no longer be read (the folder changed after it was loaded)")
+            path = self.sources[batch["split"][0]].paths[batch["row"][0]]  # the split's sources.ImageFiles
+            raise DataError(f"{path}: can no longer be read (the folder changed after it was loaded)")
 
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=r"^/.*/train/circle/\d+\.png: can no longer be read \(the folder changed"):

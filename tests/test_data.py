@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from tlkit import data, stream
+from tlkit import data, sources, stream
 from tlkit.data import DataError, load
 
 from conftest import CIFAR_ARCHIVE
@@ -299,7 +299,7 @@ def test_resize_to_another_image_size(mixed):
 def test_read_image_handles_large_jpegs_with_draft(tmp_path):
     path = tmp_path / "big.jpg"
     Image.new("RGB", (640, 480), (10, 200, 90)).save(path, quality=95)
-    pixels = data._read_image(str(path), 32)
+    pixels = sources.read_image(str(path), 32)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - (10, 200, 90)).max() <= 3
 

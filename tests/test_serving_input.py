@@ -20,7 +20,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from tlkit import data, registry, serving
+from tlkit import data, registry, serving, sources
 from tlkit.registry import RegistryError
 
 from conftest import CLASSES, image_rows, using_tracking
@@ -193,7 +193,7 @@ def test_read_image_gives_uint8_rgb_at_the_files_own_size(mode, size, colour, tm
 def test_read_image_decodes_as_training_does(tmp_path):
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 32, 3)).astype(np.uint8)).save(path, quality=90)
-    np.testing.assert_array_equal(registry.read_image(str(path)), data._read_image(str(path), 32))
+    np.testing.assert_array_equal(registry.read_image(str(path)), sources.read_image(str(path), 32))
 
 
 @pytest.mark.parametrize("make, message", [

@@ -1,4 +1,4 @@
-"""Image folders streamed from their files (tlkit/stream.py, data.ImageFiles) give what the same
+"""Image folders streamed from their files (tlkit/stream.py, sources.ImageFiles) give what the same
 pixels held in memory give: the same features, the same training, and a run that never decodes a
 whole split at once."""
 
@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tlkit import data, features, stream
+from tlkit import data, features, sources, stream
 
 from conftest import FAST_ARGS, all_runs, cli, make_image_folder
 
@@ -93,7 +93,7 @@ def test_a_run_on_a_folder_never_decodes_more_than_a_batch(variant, tracking, tm
     decoding a whole split (np.asarray), fails the run."""
     folder = make_image_folder(tmp_path / "f", train_per_class=60, test_per_class=10)
     largest = max(stream.SCAN_BATCH, 128, 256)  # the scan, the feature pass, inference (fastpath.INFERENCE_BATCH)
-    decode = data.ImageFiles.decode
+    decode = sources.ImageFiles.decode
 
     def one_batch(self, rows):
         assert len(rows) <= largest, f"{len(rows)} images decoded at once"
@@ -102,8 +102,8 @@ def test_a_run_on_a_folder_never_decodes_more_than_a_batch(variant, tracking, tm
     def whole(self, dtype=None, copy=None):
         raise AssertionError("a whole split decoded into memory")
 
-    monkeypatch.setattr(data.ImageFiles, "decode", one_batch)
-    monkeypatch.setattr(data.ImageFiles, "__array__", whole)
+    monkeypatch.setattr(sources.ImageFiles, "decode", one_batch)
+    monkeypatch.setattr(sources.ImageFiles, "__array__", whole)
     cli("train", variant, "--data", str(folder), *FAST_ARGS, "--epochs", "1")
     [run] = [r for r in all_runs() if not r.data.tags.get("mlflow.parentRunId")]
     assert run.info.status == "FINISHED" and 0 <= run.data.metrics["test_accuracy"] <= 1

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tlkit import distribute, models
+
 log = logging.getLogger(__name__)
 
 PROBE_BATCH = 16  # images per probed batch of the base's pass and of a block: one to warm up, one timed
@@ -149,8 +151,6 @@ def probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> R
     for a training step. Inference only: tracing a training step costs seconds a model, more than
     a short budget can spare, and the estimates are corrected by the runs themselves (Costs.observe)."""
     import keras
-
-    from tlkit import distribute, models
 
     rng = np.random.default_rng(0)
     probe_spec = dict(spec, weights="none")  # the same arithmetic as the weights file, without loading it

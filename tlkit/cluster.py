@@ -28,15 +28,15 @@ Why Ray Data, not Spark (the two engines the issue names):
   always die would never end: tlkit sets both to `retries`, 3 by default). When they are spent
   the pass fails with one line, and the entry's temporary folder is removed (features.writer).
 
-How: the items are (split, row[, path]) in blocks of about a batch; actors read the rows with
-stream.reader, the function the local pass decodes with (data._read_image for files), so the
-pixels are the same, and return the features with their split and row. Ray keeps the blocks in
+How: each split's sources.Source (the list of files, or the array) goes to the actors once,
+through Ray's object store, and the items are (split, row) in blocks of about a batch; actors read
+the rows with stream.reader, the function the local pass reads with (sources.read_image for files),
+so the pixels are the same, and return the features with their split and row. Ray keeps the blocks in
 order (DataContext's preserve_order), and the driver appends each batch to the entry's files as it
 comes (features.FeatureCache.writer), checking the rows: its memory holds a few batches.
 
 On a cluster every path must be readable at the same place on every node: the image folder (a
-shared filesystem) and a weights file. Array sources (cifar10, .npz) go to the actors through
-Ray's object store instead. Each node needs tlkit's dependencies installed (TensorFlow, Keras,
+shared filesystem) and a weights file. Array sources (cifar10, .npz) go with their pixels. Each node needs tlkit's dependencies installed (TensorFlow, Keras,
 Pillow, scikit-learn: the cluster's image); the runtime environment's `py_modules` ships this
 machine's own tlkit package folder (kilobytes) to the workers, so they run the code that computed
 the keys. `working_dir` would upload the current folder, whatever it holds (images, mlruns, caches).
@@ -54,6 +54,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import tlkit
+from tlkit import distribute, features, models, sources, stream, train
+from tlkit.messages import first_line
+from tlkit.sources import DataError
+from tlkit.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +99,6 @@ class Made:
 
 def check(spec: dict, variant: str, engine: str, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
     """Every bad input, before any data is loaded or Ray started (SpecError: one line, exit 2)."""
-    from tlkit.spec import SpecError
-
     if spec["augment"] or spec["trainable_base"]:
         raise SpecError(f"{variant}: augment / trainable_base run the whole network every epoch, so it has no "
                         "features to cache: pick a variant with a frozen base (baseline, finetune, ...)")
@@ -124,14 +128,10 @@ def make_features(variant: str, spec: dict, *, engine: str = "ray", address: str
     at `address`: 'local' starts Ray here with workers x cpus_per_worker CPUs, anything else is
     ray.init's address, 'auto' or ray://HEAD:10001). An already running Ray (ray.is_initialized())
     is used as it is. worker: the actor class (a subclass of BaseWorker; tests use one that dies)."""
-    from tlkit import features
-
     check(spec, variant, engine, workers, gpus_per_worker, cpus_per_worker)
     features.FeatureCache(cache_dir).check_writable()  # now, not after a pass over every image
     with connected(address, workers, cpus_per_worker) if engine == "ray" else nullcontext():
         import keras  # after the checks and the connection: they fail in a second, TensorFlow takes several to load
-
-        from tlkit import distribute, models, train
 
         # The entries' features in the spec's precision, and here on its strategy's devices, as train builds them.
         with models.precision(spec), distribute.scope(spec) if engine == "local" else nullcontext():
@@ -165,8 +165,6 @@ class _Timed:
         return self.engine.made_by
 
     def features(self, fields: dict, extractor, images: dict, batch_size: int):
-        from tlkit import features
-
         started = time.monotonic()
         yield from self.engine.features(fields, extractor, images, batch_size)
         self.passes.append(Pass(key=features.key_of(fields), boundary=fields["boundary"],
@@ -179,8 +177,6 @@ class _Timed:
 def runtime_env() -> dict:
     """What Ray's workers get: this machine's tlkit package (py_modules: the folder alone, so the
     workers run the code that computed the keys), and TensorFlow's settings."""
-    import tlkit
-
     return {"py_modules": [str(Path(tlkit.__file__).parent)],
             "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's info lines, from every worker, buried tlkit's
                          # TensorFlow takes all of a GPU's memory by default: actors sharing one
@@ -205,7 +201,7 @@ def connected(address: str, workers: int, cpus_per_worker: float):
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError, SystemExit) as err:
         # SystemExit: ray.init exits the process when a GCS address stops answering mid-handshake.
-        raise ClusterError(f"ray: cannot connect to {address}: {_first_line(err)}") from None
+        raise ClusterError(f"ray: cannot connect to {address}: {first_line(err)}") from None
     try:
         yield
     finally:
@@ -246,8 +242,8 @@ def _check_gpus(address: str, workers: int, gpus_per_worker: float) -> None:
 class BaseWorker:
     """A Ray actor of the pass: builds the extractor once, then turns batches of rows into features.
 
-    sources: per split, {'size', 'mirrored'} for image files (the batch carries their paths) or
-    {'pixels': an ObjectRef of the uint8 array} for array sources."""
+    sources: per split, an ObjectRef of its sources.Source (the list of files, or the array), read
+    through the source's own batch reader as the local pass reads it."""
 
     def __init__(self, spec: dict, num_classes: int, layer: str, sources: dict):
         import ray
@@ -260,8 +256,6 @@ class BaseWorker:
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
         import keras
 
-        from tlkit import models
-
         with models.precision(spec):
             keras.utils.set_random_seed(spec["seed"])  # as train and make_features do: 'none' weights are the seed's
             network = models.build(spec, num_classes, models.load_base(spec["base"], spec["weights"],
@@ -270,21 +264,13 @@ class BaseWorker:
             # The extractor train would use for this boundary (frozen_features): the network's own, or a cut.
             self.extractor = network.extractor if layer == network.boundary else models.extractor_to(network, spec,
                                                                                                       layer)
-        self.sources = {split: ray.get(source["pixels"]) if "pixels" in source else source
-                        for split, source in sources.items()}
+        self.sources = {split: ray.get(source) for split, source in sources.items()}
 
     def images(self, split: str, batch: dict):
         """The uint8 pixels of the batch's rows of `split`, read as the local pass reads them."""
         import numpy as np
 
-        from tlkit import stream
-        from tlkit.data import ImageFiles
-
-        source = self.sources[split]
-        if isinstance(source, dict):
-            files = ImageFiles(np.asarray(batch["path"], dtype=object), source["size"], source["mirrored"])
-            return stream.reader(files)(np.arange(len(files)))
-        return stream.reader(source)(np.asarray(batch["row"], dtype=np.int64))
+        return stream.reader(self.sources[split])(np.asarray(batch["row"], dtype=np.int64))
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -336,19 +322,12 @@ class RayPass:
 
     def _dataset(self, layer: str, images: dict, batch_size: int):
         """The items, in blocks of about a batch, mapped by an actor pool."""
-        import numpy as np
         import ray
 
-        from tlkit.data import ImageFiles
-
-        items, sources = [], {}
-        for split, x in images.items():
-            if isinstance(x, ImageFiles):
-                sources[split] = {"size": x.size, "mirrored": x.mirrored}
-                items += [{"split": split, "row": row, "path": str(path)} for row, path in enumerate(x.paths)]
-            else:
-                sources[split] = {"pixels": ray.put(np.asarray(x))}
-                items += [{"split": split, "row": row} for row in range(len(x))]
+        # Each split's source once in Ray's object store (an array's pixels go out of band: the workers
+        # on a node map one copy), the items its rows.
+        refs = {split: ray.put(sources.of(x)) for split, x in images.items()}
+        items = [{"split": split, "row": row} for split, x in images.items() for row in range(len(x))]
         # from_items builds the blocks here (from_pandas ran a Ray task per block to read its schema);
         # a block a batch gives every worker work from the start.
         blocks = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
@@ -359,15 +338,13 @@ class RayPass:
                 self.worker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=self.workers),
                 num_gpus=self.gpus or None, num_cpus=self.cpus,
                 fn_constructor_kwargs={"spec": self.spec, "num_classes": self.num_classes, "layer": layer,
-                                       "sources": sources},
+                                       "sources": refs},
                 # Ray Data's defaults are -1, forever: a worker that always dies would never end the pass.
                 max_restarts=self.retries, max_task_retries=self.retries)
 
     def _batches(self, dataset):
         """The dataset's output blocks in order; Ray's failures as one line (ClusterError), or the
         worker's own DataError (a file changed since loading) as the local pass raises it."""
-        from tlkit.data import DataError
-
         blocks = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
         while True:
             try:
@@ -386,10 +363,10 @@ class RayPass:
 
         if isinstance(err, ray.exceptions.RayActorError):
             return (f"ray: a worker of the feature pass died and Ray's retries are spent (--retries {self.retries}): "
-                    f"{_first_line(err)}")
+                    f"{first_line(err)}")
         if raised:
             return f"ray: a worker of the feature pass failed: {raised[0].rsplit('.', 1)[-1]}: {raised[1]}"
-        return f"ray: the feature pass failed: {type(err).__name__}: {_first_line(err)}"
+        return f"ray: the feature pass failed: {type(err).__name__}: {first_line(err)}"
 
 
 # How Python joins chained tracebacks; Ray sends a worker's traceback back as this text.
@@ -412,8 +389,3 @@ def raised_in_worker(err: BaseException) -> tuple[str, str] | None:
         if found:
             return found.group(1), found.group(2).strip()
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -13,6 +13,9 @@ import io
 import json
 import logging
 
+from tlkit import runs, tracking
+from tlkit.runs import RegistryError
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "csv", "json")
@@ -23,60 +26,6 @@ COLUMNS = ("variant", "run_id", "status", "test_accuracy", "test_accuracy_low", 
 # The table's header: the interval in one cell, the difference from the best in points.
 TABLE_HEADER = ("variant", "run_id", "status", "test_accuracy", "95%_interval", "vs_best_pts", "p_mcnemar",
                 "best_val_accuracy", "epochs_run", "duration_s", "dataset", "dataset_digest")
-
-
-# --- which runs -------------------------------------------------------------------------------
-
-def experiment_id(name: str | None) -> str:
-    """--experiment, else MLflow's current one ($MLFLOW_EXPERIMENT_NAME / _ID, else Default)."""
-    import mlflow
-
-    from tlkit.registry import RegistryError
-
-    if name:
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise RegistryError(f"no experiment named {name!r} at {mlflow.get_tracking_uri()}")
-        return found.experiment_id
-    from tlkit import tracking
-
-    return tracking.experiment_id()
-
-
-def experiment_name(name: str | None) -> str:
-    import mlflow
-
-    return name or mlflow.get_experiment(experiment_id(None)).name
-
-
-def variant_runs(experiment: str | None = None, suite: str | None = None, status: str | None = None) -> list:
-    """Runs tagged with a variant; with `suite`, only that suite run's children."""
-    import mlflow
-
-    eid = experiment_id(experiment)
-    where = "tags.variant != ''" + (f" and attributes.status = '{status}'" if status else "")
-    if not suite:
-        return mlflow.search_runs(experiment_ids=[eid], filter_string=where, output_format="list")
-    # A suite's children are nested under it; a child that reports a deeper run (a tuner returns its
-    # best trial) is tagged `suite` by the driver. Both count.
-    found = {}
-    for extra in (f"tags.mlflow.parentRunId = '{suite}'", f"tags.suite = '{suite}'"):
-        for run in mlflow.search_runs(experiment_ids=[eid], filter_string=f"{where} and {extra}",
-                                      output_format="list"):
-            found[run.info.run_id] = run
-    return list(found.values())
-
-
-def logged_models(experiment_ids: list[str]) -> dict[str, object]:
-    """run id -> the READY model named `model` that the run logged (MLflow 3 LoggedModel)."""
-    import mlflow
-
-    models = {}
-    for model in mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list"):
-        status = str(getattr(model.status, "name", model.status))
-        if model.name == "model" and status.endswith("READY") and model.source_run_id:
-            models[model.source_run_id] = model
-    return models
 
 
 # --- compare ----------------------------------------------------------------------------------
@@ -125,10 +74,8 @@ def compare(experiment: str | None = None, suite: str | None = None) -> list[dic
     difference from the best (a fraction, negative) and McNemar's exact p-value on the pairs."""
     import mlflow
 
-    from tlkit import tracking
-
     client = mlflow.MlflowClient()
-    rows = sorted((_row(client, run) for run in variant_runs(experiment, suite)), key=_rank)
+    rows = sorted((_row(client, run) for run in runs.variant_runs(experiment, suite)), key=_rank)
     predictions = {r["run_id"]: tracking.load_predictions(r["run_id"]) for r in rows
                    if r["test_accuracy"] is not None}
     for row in rows:
@@ -156,8 +103,6 @@ def render(rows: list[dict], fmt: str) -> str:
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
         return out.getvalue()
     if fmt != "table":
-        from tlkit.registry import RegistryError
-
         raise RegistryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
     def cell(key, value):

@@ -14,21 +14,20 @@ Every source ends up the same way, following the original notebook: uint8 RGB im
 ``image_size`` x ``image_size`` (scaling to [0, 1] lives in the model), float32 one-hot
 labels, and 10% of the training images split off for validation.
 
-An image folder is not decoded into memory: its splits are `ImageFiles`, the list of files,
-decoded a batch at a time wherever they are read (stream.py's tf.data pipelines), so a folder of
-any size takes the memory of a few batches. Loading it decodes every sampled image once, in that
-same streaming way, to find unreadable files and to compute the digest of the pixels; the keras
-download and .npz files are arrays already and stay arrays.
+A Dataset's image splits are sources.Source, read through one interface whatever holds them: an
+image folder is not decoded into memory, its splits are `sources.ImageFiles`, the list of files,
+decoded a batch at a time wherever they are read, so a folder of any size takes the memory of a
+few batches. Loading it decodes every sampled image once, in that same streaming way, to find
+unreadable files and to compute the digest of the pixels; the keras download and .npz files are
+arrays already and stay arrays (`sources.InMemory`).
 
-One module for the three sources (about 480 lines): they share the split, limit, class and digest
-rules and the wording of their errors, which is what a user meets first; apart, each rule would
-have to be kept the same in three places.
+One module for the three sources: they share the split, limit, class and digest rules and the
+wording of their errors, which is what a user meets first; apart, each rule would have to be kept
+the same in three places. What a split is once loaded (files or an array) is sources.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 import os
 import warnings
@@ -38,6 +37,10 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from tlkit import sources
+from tlkit.messages import first_line
+from tlkit.sources import DataError, ImageFiles
+
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
@@ -46,26 +49,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 VALIDATION_FRACTION = 0.1
 
 
-class DataError(ValueError):
-    """A bad data source: the message is one line naming the path/parameter and what is wrong."""
-
-
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays, which raises.
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded data set: uint8 images (n, size, size, 3) and float32 one-hot labels."""
+    """A loaded data set: uint8 images (n, size, size, 3), each split a sources.Source, and float32
+    one-hot labels."""
 
     name: str
     source: str
     class_names: tuple[str, ...]
-    x_train: np.ndarray
+    x_train: sources.Source
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: sources.Source
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: sources.Source
     y_test: np.ndarray
     digest: str
     skipped_files: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Each image split as a sources.Source, whoever built the Dataset (load, or a test with arrays).
+        for split in ("x_train", "x_val", "x_test"):
+            object.__setattr__(self, split, sources.of(getattr(self, split)))
 
     @property
     def num_classes(self) -> int:
@@ -86,69 +91,6 @@ class Dataset:
         """Number of images per class name in split "train", "val" or "test"."""
         counts = np.bincount(self.labels(split), minlength=self.num_classes)
         return dict(zip(self.class_names, counts.tolist()))
-
-
-@dataclass(frozen=True, eq=False)
-class ImageFiles:
-    """A split of an image folder as its files: an array-like of uint8 (n, size, size, 3) images
-    that decodes only what is read. x[rows] (an int, a slice, an index array) decodes those
-    images; stream.batches(x, ...) streams them all; np.asarray(x) decodes every one (for small
-    data and tests: tlkit's own paths stream)."""
-
-    paths: np.ndarray  # of str, one per image
-    size: int
-    mirrored: bool = False  # each image mirrored left to right as it is decoded (the spec's `flip`)
-
-    dtype = np.dtype(np.uint8)
-    ndim = 4
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), self.size, self.size, 3)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index) -> np.ndarray:
-        # As numpy indexes: the first index picks images (only those are decoded), the rest their pixels.
-        index, within = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-        rows = np.arange(len(self))[index]
-        images, unreadable = self.decode(np.atleast_1d(rows))
-        if len(unreadable):
-            raise DataError(f"{self.paths[np.atleast_1d(rows)[unreadable[0]]]}: can no longer be read "
-                            "(the folder changed after it was loaded)")
-        if np.ndim(rows):
-            return images[(slice(None), *within)]
-        return images[0][within]
-
-    def __array__(self, dtype=None, copy=None):
-        images = self[:]
-        return images if dtype is None else images.astype(dtype)
-
-    def decode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 images of `rows`, positions in `rows` of the files that could not be read: zeros there)."""
-        images = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
-        unreadable = []
-        for j, row in enumerate(rows):
-            image = _read_image(self.paths[row], self.size)
-            if image is None:
-                unreadable.append(j)
-            else:
-                images[j] = image[:, ::-1] if self.mirrored else image
-        return images, np.array(unreadable, dtype=np.int64)
-
-    def take(self, rows) -> ImageFiles:
-        """The images at `rows`, still as files."""
-        return ImageFiles(self.paths[rows], self.size, self.mirrored)
-
-    def mirror(self) -> ImageFiles:
-        """The same images mirrored left to right."""
-        return ImageFiles(self.paths, self.size, not self.mirrored)
-
-
-def rows_of(x, rows):
-    """x[rows] for an array, x.take(rows) (still files) for ImageFiles."""
-    return x.take(rows) if isinstance(x, ImageFiles) else x[rows]
 
 
 def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
@@ -197,7 +139,8 @@ def split_and_encode(x: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     train_idx, val_idx = train_test_split(
         np.arange(len(x)), test_size=VALIDATION_FRACTION, random_state=seed)
-    return rows_of(x, train_idx), one_hot[train_idx], rows_of(x, val_idx), one_hot[val_idx]
+    x = sources.of(x)
+    return x.take(train_idx), one_hot[train_idx], x.take(val_idx), one_hot[val_idx]
 
 
 def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -217,20 +160,8 @@ def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def data_digest(class_names, image_size: int, x_train, labels_train, x_test, labels_test) -> str:
-    """sha256 of the data actually used (before the validation split), as hex."""
-    h = _digest_start(class_names, image_size, x_train.shape, x_test.shape)
-    for array in (x_train, labels_train.astype("<i8"), x_test, labels_test.astype("<i8")):
-        h.update(np.ascontiguousarray(array).data)
-    return h.hexdigest()
-
-
-def _digest_start(class_names, image_size: int, train_shape, test_shape):
-    """data_digest's hash with its header in: the pixels and labels follow, train then test."""
-    h = hashlib.sha256()
-    header = {"class_names": list(class_names), "image_size": int(image_size),
-              "train": list(train_shape), "test": list(test_shape)}
-    h.update(json.dumps(header).encode())
-    return h
+    """sha256 of the data actually used (before the validation split), as hex (sources.digest)."""
+    return sources.digest(class_names, image_size, x_train, labels_train, x_test, labels_test)[0]
 
 
 # --- sources -------------------------------------------------------------------------
@@ -242,7 +173,7 @@ def _read_cifar10():
 
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as exc:  # keras raises a bare Exception for network failures
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         # keras 3 looks for the archive under this name (file_utils.get_file with
         # fname="cifar-10-batches-py-target" and extract=True) and checks its sha256.
         raise DataError(
@@ -434,25 +365,14 @@ def _sample_readable(split_dir, class_names, labels, unreadable, limit, seed) ->
 
 
 def _scan(class_names, image_size, files, chosen) -> tuple[str, dict[str, np.ndarray]]:
-    """Decode the chosen files once, streaming (stream.scan): (data_digest of their pixels and
+    """Decode the chosen files once, streaming (sources.digest): (data_digest of their pixels and
     labels, positions of the files that could not be read per split). The digest is the one of
     the decoded arrays (data_digest), so a folder keeps its digest and its cache entries."""
-    from tlkit import stream
-
-    shape = {split: (len(rows), image_size, image_size, 3) for split, rows in chosen.items()}
-    h = _digest_start(class_names, image_size, shape["train"], shape["test"])
-    found = {}
-    for split in ("train", "test"):
-        paths, labels = files[split]
-        rows = chosen[split]
-        failed = []
-        for start, images, unreadable in stream.scan(ImageFiles(paths[rows], image_size)):
-            failed.extend(rows[start + unreadable])
-            if not failed:
-                h.update(images.data)
-        found[split] = np.array(failed, dtype=np.int64)
-        h.update(labels[rows].astype("<i8").data)
-    return h.hexdigest(), found
+    (x_train, labels_train), (x_test, labels_test) = (
+        (ImageFiles(files[split][0][chosen[split]], image_size), files[split][1][chosen[split]])
+        for split in ("train", "test"))
+    digest, unreadable = sources.digest(class_names, image_size, x_train, labels_train, x_test, labels_test)
+    return digest, {split: chosen[split][rows] for split, rows in unreadable.items()}
 
 
 def _class_folders(split_dir: str) -> list[str]:
@@ -471,25 +391,6 @@ def _image_files(class_dir: str) -> list[str]:
                      if not name.startswith(".")
                      and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
     return files
-
-
-def _read_image(path: str, size: int) -> np.ndarray | None:
-    """The image at path as uint8 (size, size, 3), or None if it cannot be read."""
-    # The served model's own conversion (serving.py is bundled with it and imports nothing of tlkit).
-    from tlkit.serving import UNREADABLE, to_rgb
-
-    try:
-        with Image.open(path) as image:
-            if image.size != (size, size):
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale (never below size), much
-                # faster for large photos. Other formats ignore it.
-                image.draft(None, (size, size))
-            image = to_rgb(image)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image)
-    except UNREADABLE:
-        return None
 
 
 # --- shared --------------------------------------------------------------------------

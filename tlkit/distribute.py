@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from tlkit.spec import SpecError
+
 log = logging.getLogger(__name__)
 
 # The strategy of each run in progress in this process (innermost last; None: one device). A run
@@ -50,8 +52,6 @@ _MADE: dict[tuple[str, ...], object] = {}
 def devices(name: str, gpus: list[str], cpus: list[str]) -> list[str] | None:
     """The devices to mirror over for strategy `name` (one of spec.STRATEGIES), given the logical
     GPUs and CPUs this process sees; None for one device. A SpecError says when it cannot be done."""
-    from tlkit.spec import SpecError
-
     if name == "one":
         return None
     if name == "auto":

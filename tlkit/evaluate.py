@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import fastpath, reports, stats, tracking
+
 log = logging.getLogger(__name__)
 
 
@@ -27,8 +29,6 @@ def score(model, x, y) -> tuple[float, float, np.ndarray]:
     of model on inputs x with one-hot labels y, from fastpath.predict: the numbers model.evaluate gives."""
     import keras
 
-    from tlkit import fastpath
-
     probabilities = fastpath.predict(model, x)
     loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))))
     accuracy = float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
@@ -43,8 +43,6 @@ def log_outcome(model, x_test, dataset, *, history: dict, spec: dict, stage_star
     per-class scores, curves; per-class metrics), then
     `logged_network` (the end-to-end network that takes raw pixels) as the model, if given."""
     import mlflow
-
-    from tlkit import reports, stats, tracking
 
     test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test)
     truth = dataset.y_test.argmax(axis=1)

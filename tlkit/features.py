@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import distribute, sources, stream
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the stored layout or the extractor's meaning changes
@@ -109,10 +111,8 @@ class LocalPass:
 
     def features(self, fields: dict, extractor, images: dict, batch_size: int):
         """(split, features of the next batch) for every batch of every split, in order."""
-        from tlkit import distribute, stream
-
         for split, x in images.items():
-            for batch in stream.batches(x, batch_size):
+            for batch in stream.batches(sources.of(x), batch_size):
                 # predict_on_batch: the extractor's compiled predict step (XLA under `jit`, the
                 # batch split between the replicas under a distribution strategy: distribute.py),
                 # one batch at a time, so nothing accumulates.
@@ -254,7 +254,7 @@ class FeatureCache:
 
     def get(self, fields: dict, extractor, images: dict, batch_size: int = PASS_BATCH, engine=None) -> Features:
         """Cached features for images {'train','val','test'} (or 'train' alone; arrays or
-        data.ImageFiles), computed in one streaming pass on a miss: by `engine` (default LocalPass;
+        sources.ImageFiles), computed in one streaming pass on a miss: by `engine` (default LocalPass;
         cluster.RayPass runs it on Ray), which yields (split, features) batch by batch in order."""
         key = key_of(fields)
         cached = self.read(key)

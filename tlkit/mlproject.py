@@ -9,6 +9,8 @@ changing a spec; a test checks that the committed file is current.
 from __future__ import annotations
 
 from tlkit import spec as specs
+from tlkit.spec import PRETRAIN
+
 
 COMMON = ["data", "classes", "base", "weights", "image_size", "preprocess", "epochs", "batch_size",
           "learning_rate", "patience", "limit", "test_limit", "seed", "units", "precision", "strategy"]
@@ -49,8 +51,6 @@ TOOL_ENTRY_POINTS: dict[str, tuple[str, dict, str]] = {}
 
 
 def _pretrain_entry_point() -> tuple[str, dict, str]:
-    from tlkit.pretrain import PRETRAIN
-
     spec = specs.merge(PRETRAIN)
     params = {name: spec[name] for name in COMMON}
     params["output"] = ""  # '' = ./pretrained/<base>-<sha256[:12]>.weights.h5 in the project folder

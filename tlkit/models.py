@@ -9,6 +9,10 @@ The network is built in three parts so that training can skip the frozen part:
 `full` shares its layers (and so its weights) with the two parts: training `trainable` on cached
 features trains `full`. The scaling that training used lives inside the model, so the logged model
 takes raw pixels and a user never has to reproduce it.
+
+Every import of a library is inside the functions: `tlkit --help` loads this module (spec.validate
+reads BASES and HEADS), and numpy alone took 66 ms of its 76 ms (`python -X importtime -c "import
+tlkit.cli"`, AMD EPYC Zen 4, 2 cores), half of what the whole help took.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def preprocessing_layer(base: str, preprocess: str):
     frozen 3x3 Dense on the channel axis (or a Rescaling where it is a plain scale).
     """
     import keras
+    import numpy as np
     from keras import layers
 
     if preprocess == "unit":

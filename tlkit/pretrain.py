@@ -20,17 +20,11 @@ import os
 import uuid
 from pathlib import Path
 
-from tlkit import spec as specs
+from tlkit import distribute, evaluate, features, models, spec as specs, tracking
+from tlkit.spec import NOT_PRETRAIN_OPTIONS as NOT_OPTIONS, PRETRAIN
+from tlkit.train import fit, load_dataset
 
 log = logging.getLogger(__name__)
-
-# What pre-training changes from the defaults (the seed's baseline): the base starts from random
-# weights and trains with the top from the first epoch; augmentation, since every epoch runs the whole
-# network anyway; more epochs and a more patient early stop, as a base from scratch learns slowly.
-PRETRAIN = {"weights": "none", "trainable_base": True, "augment": True, "epochs": 30, "patience": 5}
-
-# Spec fields that mean nothing here: the whole base always trains, there is no second stage.
-NOT_OPTIONS = ("trainable_base", "unfreeze", "finetune_epochs", "finetune_learning_rate")
 
 WEIGHTS_SUFFIX = ".weights.h5"  # Keras' save_weights refuses any other name
 DEFAULT_FOLDER = "pretrained"
@@ -68,8 +62,6 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
     The file is written beside its final name and renamed into place: a reader never sees half a file.
     Nothing comes from the feature cache: the base changes every step.
     """
-    from tlkit import distribute, models
-
     # The base and top built in the spec's precision, and in its strategy's scope.
     with models.precision(spec), distribute.scope(spec):
         return _pretrain(spec, output, experiment, nested)
@@ -78,9 +70,6 @@ def pretrain(spec: dict, *, output: str | os.PathLike | None = None, experiment:
 def _pretrain(spec: dict, output, experiment: str | None, nested: bool) -> tuple[str, Path]:
     import keras
     import mlflow
-
-    from tlkit import distribute, evaluate, features, models, tracking
-    from tlkit.train import fit, load_dataset
 
     chosen = check_output(output)
     folder = chosen.parent if chosen is not None else Path(DEFAULT_FOLDER)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlkit import budget as budgets
-from tlkit import candidates
+from tlkit import candidates, models, tracking, train
 from tlkit import spec as specs
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ def parse_bases(base: str, weights: str) -> dict[str, str]:
     """--base VGG16,Xception --weights VGG16=PATH,Xception=PATH -> {base: weights}. One base and
     one weights value (a path, 'imagenet', 'none') stands for itself; one value for several bases
     is each base's."""
-    from tlkit import models
-
     names = [b.strip() for b in base.split(",") if b.strip()]
     if not names:
         raise specs.SpecError("--base names no base")
@@ -152,8 +150,6 @@ class Search:
         return screen
 
     def dataset(self, spec: dict):
-        from tlkit import train
-
         key = train.data_key(spec)
         if key not in self._datasets:
             self._datasets.clear()  # one data set at a time: a decoded 64 px CIFAR-10 is 740 MB
@@ -296,8 +292,6 @@ class Search:
         import keras
         import mlflow
 
-        from tlkit import train
-
         spec = self._spec(candidate, fixed)
         diff = {k: v for k, v in {**candidate, **fixed}.items() if self.base_spec.get(k) != v}
         attempt = Tried(rung, f"{rung}-{sum(t.rung == rung for t in self.tried) + 1}", diff, spec)
@@ -379,8 +373,6 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
            output: str | None = None, say=None) -> RecipeResult:
     """Probe, plan, screen, run the best on every image, try flips and fine-tuning, within the budget."""
     import mlflow
-
-    from tlkit import tracking, train
 
     bases = bases or {overrides.get("base") or specs.DEFAULTS["base"]: overrides.get("weights") or "imagenet"}
     clock = clock or budgets.Clock(budgets.parse_budget(DEFAULT_BUDGET) if budget is None else budget)

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit.compare import experiment_name, logged_models, variant_runs
+from tlkit import reports, stats, tracking
+from tlkit.messages import first_line
+from tlkit.runs import RegistryError, experiment_name, logged_models, variant_runs
+from tlkit.serving import COLUMN, UNREADABLE, decode
+
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-
-
-class RegistryError(ValueError):
-    """Nothing to compare or promote, or a model URI that names nothing: one line saying which."""
 
 
 # --- promote ----------------------------------------------------------------------------------
@@ -205,7 +205,6 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         champion = None
     said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
     report = None
-    from tlkit import tracking
 
     # The best run's per-image predictions: downloaded once, and only if the description or the
     # decision needs them.
@@ -265,8 +264,6 @@ def promotion_report(mine, champion, candidate_run: str, accuracy: float, held: 
     """The candidate (its per-image predictions `mine`, or None) weighed against the champion on the
     same test images: the gain with its 95% interval, McNemar's exact p on the paired outcomes,
     per-class accuracy changes, and the verdict."""
-    from tlkit import stats, tracking
-
     rule = {"min_gain_points": float(min_gain), "significance": float(significance), "champion_version": str(champion.version),
             "champion_run_id": champion.run_id or "", "candidate_run_id": candidate_run}
     theirs = tracking.load_predictions(champion.run_id or "")
@@ -305,8 +302,6 @@ def promotion_report(mine, champion, candidate_run: str, accuracy: float, held: 
 def _record(client, name: str, version, run, report: dict, predictions) -> None:
     """The decision on the version (tags, description) and as a report on the candidate's run."""
     import mlflow
-
-    from tlkit import reports
 
     tags = {"promotion_decision": "promoted" if report["promoted"] else "kept",
             "promotion_against": report.get("champion_version", ""), "promotion_gain_points": f"{report['gain_points']:.4f}",
@@ -350,8 +345,7 @@ def load(model_uri: str):
             return mlflow.pyfunc.load_model(model_uri, dst_path=download_to)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            first = str(err).strip().splitlines()[0][:200]
-            raise RegistryError(f"model {model_uri}: {first}") from None
+            raise RegistryError(f"model {model_uri}: {first_line(err, 200)}") from None
         raise
     except OSError as err:
         raise RegistryError(f"model {model_uri}: {err}") from None
@@ -360,8 +354,6 @@ def load(model_uri: str):
 def read_image(path: str) -> np.ndarray:
     """The file's pixels as uint8 (H, W, 3) at their own size: the model resizes. The served model
     decodes a file's bytes with this very function (serving.decode)."""
-    from tlkit.serving import UNREADABLE, decode
-
     try:
         return decode(Path(path).read_bytes())
     except FileNotFoundError:
@@ -373,8 +365,6 @@ def read_image(path: str) -> np.ndarray:
 def predict(model_uri: str, paths: list[str]) -> list[tuple[str, str, float]]:
     """(path, label, probability) per image, in the order given."""
     import pandas as pd
-
-    from tlkit.serving import COLUMN
 
     images = [read_image(p) for p in paths]  # all checked before the model loads
     model = load(model_uri)
@@ -411,6 +401,6 @@ def download(model_uri: str, dst: str) -> Path:
             shutil.rmtree(target, ignore_errors=True)  # no empty or half-written folder left behind
         if isinstance(err, MlflowException) and err.error_code in ("RESOURCE_DOES_NOT_EXIST",
                                                                     "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise RegistryError(f"model {model_uri}: {str(err).strip().splitlines()[0][:200]}") from None
+            raise RegistryError(f"model {model_uri}: {first_line(err, 200)}") from None
         raise
     return Path(local)

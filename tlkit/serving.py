@@ -19,7 +19,7 @@ column signature MLflow first makes a DataFrame of the input, which pandas refus
 `model.predict(pd.DataFrame({"image": list(images)}))`.
 
 tlkit imports from here: `tlkit predict` (registry.read_image) decodes a file with `decode`, and
-training (data._read_image) converts colours with `to_rgb`. So the served model reads a file's bytes
+training (sources.read_image) converts colours with `to_rgb`. So the served model reads a file's bytes
 exactly as `tlkit predict` reads the file, with training's colour conversion.
 """
 

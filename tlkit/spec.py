@@ -11,6 +11,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from tlkit import models
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 # name: (default, help). The defaults reproduce the seed's baseline.
@@ -76,6 +78,15 @@ SCHEDULES = ("constant", "cosine")
 
 # How a run uses the devices of one machine (tlkit/distribute.py).
 STRATEGIES = ("auto", "one", "mirrored")
+
+# `tlkit pretrain` (pretrain.py) as a diff from the defaults, here with the other specs as data (the
+# CLI's options and MLproject's entry point read them without loading pretrain's TensorFlow): the base
+# starts from random weights and trains with the top from the first epoch; augmentation, since every
+# epoch runs the whole network anyway; more epochs and a more patient early stop, as a base from
+# scratch learns slowly.
+PRETRAIN = {"weights": "none", "trainable_base": True, "augment": True, "epochs": 30, "patience": 5}
+# Spec fields that mean nothing to pretraining: the whole base always trains, there is no second stage.
+NOT_PRETRAIN_OPTIONS = ("trainable_base", "unfreeze", "finetune_epochs", "finetune_learning_rate")
 
 
 class SpecError(ValueError):
@@ -163,8 +174,6 @@ def class_list(spec: dict) -> tuple[str, ...]:
 
 def validate(spec: dict) -> None:
     """Reject every value that cannot run, before any data is loaded or run created."""
-    from tlkit import models  # light: no TensorFlow import at module level
-
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise SpecError(message)

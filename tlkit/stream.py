@@ -1,13 +1,14 @@
-"""Images streamed from their files: the tf.data pipelines that read a split a batch at a time.
+"""Samples streamed from their source: the tf.data pipelines that read a split a batch at a time.
 
-An image folder's splits are data.ImageFiles, lists of files. Whatever reads their pixels comes
-through here: the feature pass (features.py), whole-network training and validation
-(fastpath.batches), inference (fastpath.predict) and loading's own scan for unreadable files and
-the digest (data.py). A pipeline cuts the rows into batches, decodes the batches in parallel
-(tf.data's parallel map over a numpy function; PIL's decoders release the GIL while they work),
-keeps them in order and prefetches, so the model does not wait for the decoder where there are
-cores to spare, and memory holds a few batches, never the data set (benchmarks/streaming.py
-measures peak memory against the number of images).
+Whatever reads a split's pixels a batch at a time comes through here, from a sources.Source (an
+image folder's files, or an array): the feature pass (features.py), whole-network training and
+validation on files (fastpath.batches), inference (fastpath.predict) and loading's own scan of a
+folder for unreadable files and the digest (sources.ImageFiles.hash_into). A pipeline cuts the rows
+into batches, reads the batches in parallel through the source's batch reader (tf.data's parallel
+map over a numpy function; PIL's decoders release the GIL while they work), keeps them in order
+and prefetches, so the model does not wait for the decoder where there are cores to spare, and
+memory holds a few batches, never the data set (benchmarks/streaming.py measures peak memory
+against the number of images).
 
 Arrays go through the same pipelines, their rows gathered instead of decoded, so every caller has
 one way to read whatever the source.
@@ -17,23 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlkit.data import ImageFiles
-
 SCAN_BATCH = 64  # images per decode task when loading scans a folder
 
 
 def reader(images, with_unreadable: bool = False):
-    """A numpy function: rows (int64) -> images[rows] (and the positions of unreadable files). The one
-    way rows are read, here in tf.data and in cluster.py's Ray workers, so both passes see the same pixels."""
-    def read(rows):
-        if not with_unreadable:
-            # ImageFiles[rows] names a file that can no longer be read (changed since loading).
-            return np.ascontiguousarray(images[rows])
-        if isinstance(images, ImageFiles):
-            return images.decode(rows)
-        return np.ascontiguousarray(images[rows]), np.zeros(0, np.int64)
-
-    return read
+    """A numpy function: rows (int64) -> images[rows] (and the positions of unreadable files), by the
+    source's own batch reader (sources.Source). The one way rows are read, here in tf.data and in
+    cluster.py's Ray workers, so both passes see the same pixels."""
+    return images.read_marking_unreadable if with_unreadable else images.read
 
 
 def decoded(images, row_batches, labels=None, with_unreadable: bool = False):
@@ -66,14 +58,16 @@ def row_batches(count: int, batch_size: int):
 
 
 def batches(images, batch_size: int, labels=None):
-    """images (an array or ImageFiles) in order, batch_size at a time, as a dataset of uint8
+    """images (a sources.Source) in order, batch_size at a time, as a dataset of uint8
     batches (with labels[rows] beside them when given)."""
     return decoded(images, row_batches(len(images), batch_size), labels)
 
 
-def scan(images: ImageFiles, batch_size: int = SCAN_BATCH):
+def scan(images, batch_size: int | None = None):
     """(start row, images, positions of unreadable files in the batch) for every batch, in order:
-    a folder read once, in parallel, a few batches in memory at a time."""
+    a folder read once, in parallel, a few batches in memory at a time. batch_size: SCAN_BATCH, read
+    at the call (tests set it)."""
+    batch_size = batch_size or SCAN_BATCH
     dataset = decoded(images, row_batches(len(images), batch_size), with_unreadable=True)
     for start, (batch, unreadable) in zip(range(0, len(images), batch_size), dataset.as_numpy_iterator()):
         yield start, batch, unreadable

@@ -25,7 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from tlkit import compare, registry, spec as specs, tracking, train, tune
+from tlkit.messages import first_line
+from tlkit.sources import DataError
+from tlkit.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ class SuiteError(RuntimeError):
 
 def parse_variants(text: str) -> list[str]:
     """'all' or a comma-separated subset of DEFAULT_VARIANTS (or .toml spec files), checked."""
-    from tlkit import spec as specs
-
     if text.strip() in ("", "all"):
         return list(DEFAULT_VARIANTS)
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -65,25 +66,17 @@ def parse_variants(text: str) -> list[str]:
 
 def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
     """Every child's full spec, validated before anything runs (bad input fails at once)."""
-    from tlkit import spec as specs
-
     specs_by_variant = {v: specs.load(v, overrides) for v in variants}
     for variant in variants:
         search = specs.variant_search(variant)
         if search is not None:  # a search variant (tune): its settings checked now too
-            from tlkit import tune
-
             tune.check(specs_by_variant[variant], tune.load_search(variant))
     return specs_by_variant
 
 
 def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
-    from tlkit import spec as specs, train
-
     if specs.variant_search(variant) is None:
         return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
-    from tlkit import tune
-
     return tune.tune(spec, variant=variant, cache_dir=cache_dir, nested=True, dataset=dataset)
 
 
@@ -95,19 +88,17 @@ def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> d
     whose data differ in digest fail here, before any training, naming them (SpecError). Without
     it, children whose data differ each load their own when they run (None here): one data set in
     memory at a time."""
-    from tlkit import train
-    from tlkit.spec import SpecError
-
     if not one_digest and len({train.data_key(spec) for spec in specs_by_variant.values()}) > 1:
         return dict.fromkeys(specs_by_variant)
     loaded: dict[tuple, object] = {}
     for spec in specs_by_variant.values():
         if train.data_key(spec) not in loaded:
             dataset = train.load_dataset(spec)
-            for array in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val, dataset.x_test,
-                          dataset.y_test):
-                if isinstance(array, np.ndarray):  # (an image folder's images are files, read afresh)
-                    array.flags.writeable = False  # a child that wrote into it would change the next child's data
+            # A child that wrote into them would change the next child's data.
+            for images in (dataset.x_train, dataset.x_val, dataset.x_test):
+                images.make_read_only()  # (an image folder's images are files, read afresh)
+            for labels in (dataset.y_train, dataset.y_val, dataset.y_test):
+                labels.flags.writeable = False
             loaded[train.data_key(spec)] = dataset
     by_variant = {v: loaded[train.data_key(spec)] for v, spec in specs_by_variant.items()}
     digests = {d.digest for d in by_variant.values()}
@@ -174,8 +165,6 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
     import keras
     import mlflow
 
-    from tlkit.data import DataError
-
     failed: dict[str, str] = {}
     for number, variant in enumerate(variants, 1):
         log.info("suite: %s (%d of %d)", variant, number, len(variants))
@@ -187,7 +176,7 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
         except DataError:
             raise  # every child reads the same data: the rest would fail the same way
         except Exception as err:  # noqa: BLE001 - one failed variant must not stop the others
-            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            line = first_line(err, 300)
             failed[variant] = f"{type(err).__name__}: {line}"
             log.error("suite: %s failed: %s", variant, failed[variant])
             while mlflow.active_run() and mlflow.active_run().info.run_id != suite_id:
@@ -205,8 +194,6 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
     """Run the children under one parent run, then compare and promote. Raises SuiteError at the
     end if any child failed (after comparing and promoting among the finished ones)."""
     import mlflow
-
-    from tlkit import compare, registry, tracking, train
 
     specs_by_variant = child_specs(variants, overrides)
     registry.check_gate(min_gain, significance)

@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import models, stats
+from tlkit.messages import first_line
+from tlkit.serving import COLUMN
+
 SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -80,7 +84,7 @@ def check_reachable() -> str:
         if "401" in text or "403" in text:
             raise TrackingError(f"tracking server {uri} refused the credentials "
                                 "(check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
-        detail = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        detail = first_line(err, 200)
         raise TrackingError(f"tracking server {uri} is not usable: {detail}") from None
     finally:
         if previous is None:
@@ -248,9 +252,6 @@ def mark_training_experiment(experiment_id: str) -> None:
 
 def log_dataset(dataset) -> None:
     import mlflow
-    import pandas as pd
-
-    from tlkit.data import ImageFiles
 
     source = CIFAR10_URL if dataset.name == "cifar10" and not Path(dataset.source).exists() else dataset.source
     for context, x, y in (("train", dataset.x_train, dataset.y_train), ("validation", dataset.x_val, dataset.y_val),
@@ -259,12 +260,7 @@ def log_dataset(dataset) -> None:
         with warnings.catch_warnings():  # MLflow registers two local sources and warns that it picks one
             warnings.simplefilter("ignore", UserWarning)
             name, digest = f"{dataset.name}-{context}", dataset.digest[:32]  # MLflow caps digests at 36 characters
-            if isinstance(x, ImageFiles):
-                # A folder's images are files: logged as the file list (from_numpy would decode them all).
-                table = pd.DataFrame({"path": x.paths, "label": y.argmax(axis=1)})
-                ds = mlflow.data.from_pandas(table, targets="label", source=source, name=name, digest=digest)
-            else:
-                ds = mlflow.data.from_numpy(x, targets=y.argmax(axis=1), source=source, name=name, digest=digest)
+            ds = x.as_mlflow_dataset(y.argmax(axis=1), source=source, name=name, digest=digest)
             # (A file list's integer labels make MLflow hint, once per split, at missing values it cannot have.)
             mlflow.log_input(ds, context=context, tags={"images": str(len(x)),
                                                         "class_names": ",".join(dataset.class_names)})
@@ -281,8 +277,6 @@ def load_predictions(run_id: str):
     them (before tlkit logged them, or one that never reached its test)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from tlkit import stats
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -305,9 +299,6 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
-
-    from tlkit import models
-    from tlkit.serving import COLUMN
 
     # binary: MLflow's scoring server base64-decodes the column of a dataframe_split or
     # dataframe_records request (serving.py decodes an `inputs` request's base64 itself).

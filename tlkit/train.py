@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit import data, distribute, evaluate, fastpath, features, models, spec as specs, tracking
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,6 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train
     """
     import keras
 
-    from tlkit import fastpath
-
     callbacks = []
     if spec["patience"] > 0:
         mode = "min" if spec["monitor"] == "val_loss" else "max"
@@ -93,8 +93,6 @@ def fit(model, inputs, dataset, spec, *, epochs: int, learning_rate: float, on_f
     """Train model on inputs['train'] against dataset's labels, validating on inputs['val'] every
     epoch (through fastpath.fit); returns the history. One autologged fit: call it inside its own run.
     on_features: model is a head (or a block and head) on cached features, not the whole network."""
-    from tlkit import fastpath, models
-
     trainable, frozen = models.parameter_counts(model)
     log.info("training %s: %d trainable, %d frozen parameters, lr %s", model.name, trainable, frozen,
              f"{learning_rate:g}" if isinstance(learning_rate, float) else type(learning_rate).__name__)
@@ -112,8 +110,6 @@ def _train_stages(network, model, inputs, dataset, spec, on_features: bool,
     VGG16's block5: 45 s an epoch through the block).
     """
     import mlflow
-
-    from tlkit import models, tracking
 
     if not spec["unfreeze"]:
         return fit(model, inputs, dataset, spec, epochs=spec["epochs"], learning_rate=spec["learning_rate"],
@@ -182,23 +178,11 @@ def data_key(spec: dict) -> tuple:
 
 def load_dataset(spec: dict):
     """The spec's data: raw uint8 pixels, split and one-hot (data.load with the spec's fields)."""
-    from tlkit import data, spec as specs
-
     dataset = data.load(spec["data"], image_size=spec["image_size"], limit=spec["limit"],
                         test_limit=spec["test_limit"], seed=spec["seed"], classes=specs.class_list(spec))
     log.info("data %s: %d train, %d validation, %d test images, %d classes", dataset.name, len(dataset.x_train),
              len(dataset.x_val), len(dataset.x_test), len(dataset.class_names))
     return dataset
-
-
-def mirrored(images):
-    """Each image mirrored left to right (the width axis of (n, height, width, channels)); images
-    read from files (data.ImageFiles) are mirrored as they are decoded."""
-    from tlkit.data import ImageFiles
-
-    if isinstance(images, ImageFiles):
-        return images.mirror()
-    return np.ascontiguousarray(images[:, :, ::-1])
 
 
 def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, cache_below: str = "",
@@ -223,13 +207,11 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     engine: what runs a pass on a miss (features.LocalPass by default; cluster.RayPass makes the
     same entries on Ray, looked up here by the same rules, so a run after it finds them all).
     """
-    from tlkit import features
-
     cache = features.FeatureCache(cache_dir)
     images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
     got = _cached_features(network, dataset, spec, cache, images, "", cache_below, engine)
     if spec["flip"]:
-        flipped = _cached_features(network, dataset, spec, cache, {"train": mirrored(dataset.x_train)}, "hflip",
+        flipped = _cached_features(network, dataset, spec, cache, {"train": dataset.x_train.mirror()}, "hflip",
                                    cache_below, engine)
         got.train_mirrored = flipped.train
         if got.base_output is not None:
@@ -251,8 +233,6 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
                      cache_below: str = "", engine=None):
     """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
     import keras
-
-    from tlkit import features, models
 
     base = network.base
     names = [layer.name for layer in base.layers]
@@ -309,8 +289,6 @@ def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir:
           nested: bool = False, dataset=None, cache_below: str = "") -> Result:
     """Run one variant with a validated spec and log everything to MLflow, its layers built in the
     spec's precision (models.precision) and its strategy's scope (distribute.scope). See _train."""
-    from tlkit import distribute, models
-
     with models.precision(spec), distribute.scope(spec):
         return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
                       cache_below=cache_below)
@@ -326,8 +304,6 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     runs after it on the same images (the recipe search)."""
     import keras
     import mlflow
-
-    from tlkit import distribute, evaluate, features, models, spec as specs, tracking
 
     tracking.use_experiment(experiment)
     tracking.check_reachable()

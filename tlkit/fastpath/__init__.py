@@ -30,6 +30,9 @@ import warnings
 
 import numpy as np
 
+from tlkit import distribute, sources, stream
+from tlkit.fastpath import batches, optimizers, views
+
 PLAIN_KERAS_ENV = "TLKIT_PLAIN_KERAS"
 
 # Steps per call into TensorFlow when a head trains on cached features: a step of a Dense head is
@@ -52,16 +55,12 @@ def plain_keras() -> bool:
     one device (fused kernels on one copy of a variable, state built before Keras's distributed
     set-up, batches drawn outside Keras's split between replicas, eager inference on one device);
     Keras's own compile, fit and predict run on every replica."""
-    from tlkit import distribute
-
     return os.environ.get(PLAIN_KERAS_ENV, "").strip().lower() in ("1", "true", "yes") or distribute.in_use()
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
     """The spec's optimizer: Keras's Adam or SGD; fused (optimizers.py) unless plain_keras()."""
     import keras
-
-    from tlkit.fastpath import optimizers
 
     module = keras.optimizers if plain_keras() else optimizers
     if name == "sgd":
@@ -72,8 +71,6 @@ def optimizer(name: str, learning_rate: float, momentum: float = 0.0):
 def training_view(model):
     """The form in which `model` trains (views.training_view, or the same layers under
     plain_keras()): what a trial's checkpoint was saved from, so what it loads into."""
-    from tlkit.fastpath import views
-
     return views.training_view(model, rewrite=not plain_keras())
 
 
@@ -102,8 +99,6 @@ def compiled(model, spec: dict, learning_rate: float, *, on_features: bool):
 
 def finish(view) -> None:
     """Copy what the view's own layers trained (centre taps) into the network's layers."""
-    from tlkit.fastpath import views
-
     views.write_back(view)
 
 
@@ -134,40 +129,34 @@ def fit_arguments(*args, **options) -> dict:
 
     import keras
 
-    from tlkit.fastpath import batches
-
-    from tlkit import stream
-    from tlkit.data import ImageFiles
-
     mirror_images = options.pop(MIRRORED, None)
     options = inspect.signature(keras.Model.fit).bind_partial(None, *args, **options).arguments
     options.pop("self")
     options.update(options.pop("kwargs", {}))
-    x, y = options.get("x"), options.get("y")
-    if isinstance(x, ImageFiles):
-        # Images read from their files (stream.py), both ways: Keras's own array pipeline needs the
-        # pixels in memory, and a tf.data dataset is what plain Keras streams from.
-        batch_size = options["batch_size"] = options.get("batch_size") or 32
-        validation = options.get("validation_data")
-        if isinstance(validation, tuple) and len(validation) == 2 and isinstance(validation[0], ImageFiles):
-            options["validation_data"] = stream.batches(validation[0], batch_size, labels=validation[1])
-            options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
-        options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
-        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
-        return options
-    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or options.get("validation_split"):
+    x, y = sources.of(options.get("x")), options.get("y")
+    if x is None or sources.of(y) is None or options.get("validation_split"):
         if mirror_images is not None:
             raise ValueError("mirrored training features need the training features as arrays")
         return options  # a dataset or a split to make: Keras's to serve
     batch_size = options["batch_size"] = options.get("batch_size") or 32  # Keras's default for arrays
+    validation = options.get("validation_data")
+    x_val = sources.of(validation[0]) if isinstance(validation, tuple) and len(validation) == 2 else None
+    if x.in_memory() is None:
+        # Samples read a batch at a time (files: stream.py), both ways: Keras's own array pipeline
+        # needs them in memory, and a tf.data dataset is what plain Keras streams from.
+        if x_val is not None and x_val.in_memory() is None:
+            options["validation_data"] = stream.batches(x_val, batch_size, labels=validation[1])
+            options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
+        options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
+        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
+        return options
     if plain_keras():
         if mirror_images is not None:
-            options["x"] = batches.mirrored_draws(x, options.pop("y"), batch_size, mirror_images)
+            options["x"] = batches.mirrored_draws(x.in_memory(), options.pop("y"), batch_size, mirror_images)
             options.pop("batch_size")  # Keras refuses a batch size beside a PyDataset
         return options
-    validation = options.get("validation_data")
-    if isinstance(validation, tuple) and len(validation) == 2 and all(isinstance(a, np.ndarray) for a in validation):
-        options["validation_data"] = batches.validation_batches(*validation, batch_size)
+    if x_val is not None and x_val.in_memory() is not None and sources.of(validation[1]) is not None:
+        options["validation_data"] = batches.validation_batches(x_val.in_memory(), validation[1], batch_size)
         options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
     options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
     options["x"] = batches.training_batches(x, options.pop("y"), batch_size, mirror_images)
@@ -200,15 +189,14 @@ def predict(model, x) -> np.ndarray:
     (tests/test_fastpath.py)."""
     import keras
 
-    from tlkit import stream
-    from tlkit.data import ImageFiles
-
-    if isinstance(x, ImageFiles):  # images read from their files a batch at a time
+    x = sources.of(x)
+    pixels = x.in_memory()
+    if pixels is None:  # samples read a batch at a time (files: stream.py)
         inputs = stream.batches(x, INFERENCE_BATCH)
         if plain_keras():
             return np.asarray(model.predict(inputs, verbose=0))
         return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False)) for batch in inputs])
     if plain_keras():
-        return np.asarray(model.predict(np.asarray(x), batch_size=INFERENCE_BATCH, verbose=0))
-    return np.concatenate([keras.ops.convert_to_numpy(model(np.asarray(x[i:i + INFERENCE_BATCH]), training=False))
-                           for i in range(0, len(x), INFERENCE_BATCH)])
+        return np.asarray(model.predict(pixels, batch_size=INFERENCE_BATCH, verbose=0))
+    return np.concatenate([keras.ops.convert_to_numpy(model(pixels[i:i + INFERENCE_BATCH], training=False))
+                           for i in range(0, len(pixels), INFERENCE_BATCH)])

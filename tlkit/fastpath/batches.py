@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from tlkit import sources, stream
+
 
 def training_batches(x, y, batch_size: int, x_mirrored=None):
     """The batches model.fit(x, y, batch_size, shuffle=True) trains on, in the same order, as a dataset.
@@ -20,14 +22,13 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     in the calling thread: with steps of a millisecond or two (a head on cached features) the
     hand-off through the buffer costs more than the gather (README, "Speed").
 
-    x as data.ImageFiles (an image folder, streamed): the same permutation, each batch's files
-    decoded in a parallel map (stream.decoded), so the same batches in the same order as the arrays.
+    x: a sources.Source (or an array). One held in memory rides along in the dataset and is gathered
+    in the graph; one that is not (an image folder's files) is read a batch at a time through its
+    batch reader in a parallel map (stream.decoded): the same permutation, so the same batches in the
+    same order as the arrays.
     """
     import keras
     import tensorflow as tf
-
-    from tlkit import stream
-    from tlkit.data import ImageFiles
 
     def as_tensor(array):
         array = np.asarray(array)
@@ -69,11 +70,13 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     epoch_length = tf.data.experimental.assert_cardinality(math.ceil(count / batch_size))
     index_batches = tf.data.Dataset.range(1).map(permutation).flat_map(batched)
 
-    if isinstance(x, ImageFiles):
-        # Images read from their files: the same permutation, each batch decoded in parallel (stream.py).
+    source = sources.of(x)
+    if source.in_memory() is None:
+        # Read a batch at a time: the same permutation, each batch read in parallel (stream.py).
         if x_mirrored is not None:
             raise ValueError("mirrored draws are for cached features, not images read from files")
-        return stream.decoded(x, index_batches, labels=as_tensor(y)).with_options(options).apply(epoch_length)
+        return stream.decoded(source, index_batches, labels=as_tensor(y)).with_options(options).apply(epoch_length)
+    x = source.in_memory()
 
     # The arrays ride along in a repeated dataset rather than in the gather's closure (Keras's way:
     # a captured tensor would be copied into the function's graph).

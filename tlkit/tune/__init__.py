@@ -16,20 +16,16 @@ the model, and the tags best_trial_id / best_trial_run_id. The modules, by job:
     resume.py       the search folder's state: a search run again resumes
     distributed.py  the chief and its workers (keras-tuner's gRPC oracle)
     search.py       one search from start to finish (tune, work), and the best network logged
+    errors.py       TuneError, which they all raise
 """
 
 from __future__ import annotations
 
-
-class TuneError(RuntimeError):
-    """The search ran but cannot finish: a worker died, or no trial completed. One line."""
-
-
-from tlkit.tune.distributed import PARENT_ENV, role  # noqa: E402 - they import TuneError from here
-from tlkit.tune.search import tune, work  # noqa: E402
-from tlkit.tune.space import (OBJECTIVE, TUNERS, Search, check, hypermodel, identity,  # noqa: E402
-                              load as load_search)
-from tlkit.tune.trials import Context, make_tuner  # noqa: E402
+from tlkit.tune.distributed import PARENT_ENV, role
+from tlkit.tune.errors import TuneError
+from tlkit.tune.search import tune, work
+from tlkit.tune.space import OBJECTIVE, TUNERS, Search, check, hypermodel, identity, load as load_search
+from tlkit.tune.trials import Context, make_tuner
 
 __all__ = ["Context", "OBJECTIVE", "PARENT_ENV", "Search", "TUNERS", "TuneError", "check", "hypermodel",
            "identity", "load_search", "make_tuner", "role", "tune", "work"]

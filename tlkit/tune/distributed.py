@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from tlkit.tune import TuneError
+from tlkit.spec import SpecError, flag
+from tlkit.tune.errors import TuneError
+
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,6 @@ def role() -> str:
     """'single' (one process), 'chief' (serves the oracle) or 'worker': keras-tuner's variables decide."""
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "single"
-    from tlkit.spec import SpecError
 
     for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
         if not os.environ.get(name):
@@ -42,8 +43,6 @@ def role() -> str:
 def spec_arguments(spec: dict, searched) -> list[str]:
     """The spec as `tlkit tune` options, less the `searched` fields (which it refuses): how the
     chief starts its workers with the same search."""
-    from tlkit.spec import flag
-
     out = []
     for name, value in spec.items():
         if name in searched:

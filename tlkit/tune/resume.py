@@ -10,7 +10,10 @@ import json
 import os
 from pathlib import Path
 
+from tlkit import features, tracking
+from tlkit.spec import SpecError
 from tlkit.tune.space import digest
+
 
 STATE_FILE = "tlkit_search.json"
 
@@ -19,8 +22,6 @@ def default_search_dir(cache_dir: str | None, tuner: str, key: str) -> Path:
     """Next to the feature cache, named by the search and by where its runs go (tracking store,
     experiment, enclosing run): the same search into the same place resumes; anything else starts afresh."""
     import mlflow
-
-    from tlkit import features, tracking
 
     active = mlflow.active_run()
     where = digest([mlflow.get_tracking_uri(), tracking.experiment_id(), active.info.run_id if active else ""])
@@ -42,9 +43,6 @@ def write_state(folder: Path, state: dict) -> None:
 def resumable_parent(state: dict, folder: Path) -> str:
     """The stored parent run, if this tracking store and experiment still hold it."""
     import mlflow
-
-    from tlkit import tracking
-    from tlkit.spec import SpecError
 
     run_id = state["parent_run_id"]
     try:

@@ -11,13 +11,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tlkit.tune import TuneError, distributed, resume, trials
+from tlkit import distribute, evaluate, fastpath, models, tracking, train
+from tlkit.messages import first_line
+from tlkit.spec import SpecError
+from tlkit.train import Result
+from tlkit.tune import distributed, resume, trials
+from tlkit.tune.errors import TuneError
 from tlkit.tune.space import OBJECTIVE, Search, check, differences, digest, hypermodel, identity, load
 
-if TYPE_CHECKING:
-    from tlkit.train import Result
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ def prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
     network made and run in the search's strategy's scope."""
     import keras
 
-    from tlkit import distribute, models, train
-
     dataset = dataset or train.load_dataset(spec)
     keras.utils.set_random_seed(spec["seed"])
     with distribute.entered():
@@ -46,8 +46,6 @@ def prepare(spec: dict, cache_dir: str | None, dataset=None) -> Prepared:
 def open_search(spec: dict, search: Search, prepared: Prepared, context: trials.Context, folder: Path):
     """The tracked tuner of this search, its state in `folder` (reloaded when there), and the
     arguments its search() takes. The one start of a search: one process, the chief and a worker."""
-    from tlkit import tracking, train
-
     d, f = prepared.dataset, prepared.features
     tracking.autolog()
     tuner = trials.make_tuner(search.tuner, hypermodel(spec, search, f.train.shape[1:], len(d.class_names)), context,
@@ -57,8 +55,6 @@ def open_search(spec: dict, search: Search, prepared: Prepared, context: trials.
 
 
 def run_trials(tuner, fit_kwargs: dict) -> None:
-    from tlkit import train
-
     with train.long_lived_objects_frozen():
         tuner.search(**fit_kwargs)
 
@@ -67,8 +63,6 @@ def tune(spec: dict, search: Search | None = None, **options) -> Result:
     """Search the head over a validated spec, its layers in the spec's precision (models.precision)
     and on its strategy's devices (distribute.chosen: the tuner enters its scope for each trial, and
     prepare and finish for the rest); log the best network on the parent run. The options are _tune's."""
-    from tlkit import distribute, models
-
     with models.precision(spec), distribute.chosen(spec):
         return _tune(spec, search, **options)
 
@@ -86,9 +80,6 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
     """
     import keras
     import mlflow
-
-    from tlkit import distribute, tracking, train
-    from tlkit.spec import SpecError
 
     search = _settled(search, variant, settings)
     check(spec, search, workers)
@@ -151,9 +142,6 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
     """Put the best trial's head on the frozen base, evaluate it on the test set, log it on the parent."""
     import mlflow
 
-    from tlkit import evaluate, fastpath, models, tracking
-    from tlkit.train import Result
-
     everything = list(oracle.trials.values())
     completed = [t for t in everything if t.status == "COMPLETED"]  # keras-tuner's TrialStatus.COMPLETED
     log.info("search over: %d trials, %d completed", len(everything), len(completed))
@@ -205,8 +193,6 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
 
 def work(spec: dict, search: Search | None = None, **options) -> tuple[str, int]:
     """A worker's trials (_work), its layers in the spec's precision, on its strategy's devices."""
-    from tlkit import distribute, models
-
     with models.precision(spec), distribute.chosen(spec):
         return _work(spec, search, **options)
 
@@ -220,9 +206,6 @@ def _work(spec: dict, search: Search | None = None, *, variant: str = "tune", se
     """
     import mlflow
 
-    from tlkit import tracking, train
-    from tlkit.spec import SpecError
-
     search = _settled(search, variant, settings)
     check(spec, search)
     parent = os.environ.get(distributed.PARENT_ENV)
@@ -234,7 +217,7 @@ def _work(spec: dict, search: Search | None = None, *, variant: str = "tune", se
         chief = mlflow.artifacts.load_dict(f"runs:/{parent}/search.json")
     except mlflow.exceptions.MlflowException as err:
         raise SpecError(f"{distributed.PARENT_ENV}={parent} is not a search run on {mlflow.get_tracking_uri()}: "
-                        f"{str(err).splitlines()[0][:200]}") from None
+                        f"{first_line(err, 200)}") from None
     dataset = train.load_dataset(spec)
     what = identity(spec, dataset.digest, search)
     if what != chief:

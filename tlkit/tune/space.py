@@ -9,6 +9,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from tlkit import fastpath, models, spec as specs
+from tlkit.spec import SpecError
+
 OBJECTIVE = "val_accuracy"  # the seed's; keras-tuner maximises it (its name says accuracy)
 TUNERS = ("random", "bayesian", "hyperband")
 # Hyperband: max_epochs is the spec's epochs and each round keeps the best 1/3 for 3x the epochs
@@ -32,8 +35,6 @@ class Search:
 def load(variant: str = SEARCH_VARIANT, **options) -> Search:
     """The variant's search, options (tuner, max_trials, executions_per_trial; None = the variant's)
     on top, checked: a SpecError names what is wrong."""
-    from tlkit import spec as specs
-
     table = specs.variant_search(variant)
     if table is None:
         raise specs.SpecError(f"variant {variant} has no [search] table: it trains one model (tlkit train {variant})")
@@ -50,8 +51,6 @@ def load(variant: str = SEARCH_VARIANT, **options) -> Search:
 
 
 def check_settings(search: Search) -> None:
-    from tlkit import spec as specs
-
     if search.tuner not in TUNERS:
         raise specs.SpecError(f"tuner must be one of {', '.join(TUNERS)}, got {search.tuner!r}")
     for name, least in (("max_trials", 1), ("executions_per_trial", 1)):
@@ -79,8 +78,6 @@ def check_settings(search: Search) -> None:
 
 def check(spec: dict, search: Search, workers: int = 0) -> None:
     """Everything that makes a spec and its search unrunnable, before anything is loaded."""
-    from tlkit.spec import SpecError
-
     check_settings(search)
     if not isinstance(workers, int) or workers < 0:
         raise SpecError(f"workers must be an integer of at least 0, got {workers!r}")
@@ -127,8 +124,6 @@ def _hyperparameter(hp, name: str, space: dict):
 def trial_model(spec: dict, feature_shape: tuple, num_classes: int):
     """What a trial trains and its checkpoint holds: the spec's head (models.head_model, the builder
     of every variant's head), compiled for training through the fast path's door."""
-    from tlkit import fastpath, models
-
     head = models.head_model(spec, feature_shape, num_classes)
     return fastpath.compiled(head, spec, spec["learning_rate"], on_features=True)
 

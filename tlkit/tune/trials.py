@@ -26,8 +26,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlkit.tune import TuneError
+from tlkit import distribute, fastpath, tracking
+from tlkit.messages import first_line
+from tlkit.tune.errors import TuneError
 from tlkit.tune.space import HYPERBAND_FACTOR, OBJECTIVE
+
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,6 @@ class TrackedTrials:
         import mlflow
         from keras_tuner.src.engine import tuner_utils
 
-        from tlkit import tracking
-
         earlier = trial_runs(self.context, trial.trial_id)  # one query: FINISHED and RUNNING both matter
         finished = [r for r in earlier if r.info.status == "FINISHED"]
         if finished:
@@ -104,15 +105,13 @@ class TrackedTrials:
                 results = super().run_trial(trial, *args, **kwargs)
                 self._log_outcome(trial, results, tuner_utils)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("trial %s failed (%s); its run is marked FAILED and the search goes on", trial.trial_id, first)
+            log.warning("trial %s failed (%s); its run is marked FAILED and the search goes on", trial.trial_id,
+                        first_line(err))
             raise
         self.trials_run += 1
         return results
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
-        from tlkit import fastpath, tracking
-
         # The batches are drawn for each fit, under the trial's seed, as model.fit(x, y) draws them.
         kwargs = fastpath.fit_arguments(*args, **kwargs)
         if self.executions_per_trial == 1:
@@ -177,8 +176,6 @@ def make_tuner(kind: str, build, context: Context, folder: Path, *, max_trials: 
     The search's strategy (distribute.current()) goes to keras-tuner, which builds each trial's model
     in its scope: a scope opened around the search would not last, since keras-tuner clears
     TensorFlow's graph (keras.backend.clear_session) before every trial."""
-    from tlkit import distribute
-
     options = dict(hypermodel=build, objective=OBJECTIVE, seed=context.seed, executions_per_trial=executions_per_trial,
                    directory=str(folder.parent), project_name=folder.name, overwrite=False,
                    distribution_strategy=distribute.current(), **tuner_options)
