@@ -74,7 +74,8 @@ def check_reachable() -> str:
     previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with store_creation_lock(uri):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
         text = str(err)
         if "401" in text or "403" in text:
@@ -88,6 +89,46 @@ def check_reachable() -> str:
         else:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
     return uri
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str):
+    """Serialise MLflow's creation of a new SQLite store's tables across processes on this machine.
+
+    The first client of a new store creates its tables (SqlAlchemyStore.__init__ runs every alembic
+    migration, then makes the Default experiment); two processes starting together both found no
+    tables and both migrated, and the second failed ("duplicate column name: step", "Online migration
+    expected to match one row", or a locked database). Under an exclusive flock on `<store>.lock`,
+    beside the database, one process creates them while the other waits, then finds them made.
+    The lock file stays (empty). A tracking server creates its tables once at its own start, so
+    http(s) stores need no lock; a database URI other than SQLite is left as it is."""
+    import fcntl
+
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    lock = Path(f"{path}.lock")
+    try:
+        handle = open(lock, "a")
+    except OSError as err:
+        raise TrackingError(f"tracking store {uri}: cannot create its lock file {lock}: {err.strerror}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process creates the tables
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, None for any other store (or an in-memory database)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split("://", 1)[-1].split("?", 1)[0]
+    if not path or path in ("/", "/:memory:") or path.startswith("/file:"):
+        return None
+    return Path(path[1:]) if path.startswith("/") else Path(path)
 
 
 def experiment_id() -> str:
@@ -293,6 +334,11 @@ def load_predictions(run_id: str):
         return stats.read_predictions(Path(path).read_bytes())
 
 
+# What the logged model takes (its signature names no input schema: serving.py), in its metadata.
+INPUT_FORMS = ("a uint8 (N, H, W, 3) array of images; or an `image` column of image files' bytes (base64 text in "
+               "JSON: dataframe_records, dataframe_split or inputs) or of (H, W, C) pixel arrays; any size")
+
+
 def log_model(network, class_names, example: np.ndarray, spec: dict):
     """Log the end-to-end network as the pyfunc in serving.py; returns MLflow's ModelInfo.
 
@@ -309,10 +355,10 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     from tlkit import models
     from tlkit.serving import COLUMN
 
-    # binary: MLflow's scoring server base64-decodes the column of a dataframe_split or
-    # dataframe_records request (serving.py decodes an `inputs` request's base64 itself).
+    # Outputs only: an input schema would make MLflow refuse a bare (N, H, W, 3) array before the
+    # model sees it, and no schema takes both it and the column of files (serving.py says why).
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, COLUMN)]),
+        inputs=None,
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
                         ColSpec(Array(DataType.double), "probabilities")]),
     )
@@ -335,7 +381,8 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
             signature=signature,
             input_example=pd.DataFrame({COLUMN: [_png(image) for image in np.asarray(example, np.uint8)]}),
             pip_requirements=requirements,  # stated, so MLflow need not load the model to infer them
-            metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"]},
+            metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"],
+                      "input": INPUT_FORMS},
         )
 
 
