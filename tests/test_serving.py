@@ -215,7 +215,7 @@ def test_zero_images_in_zero_answers_out(logged):
 @pytest.mark.parametrize("value, message", [
     (b"not an image", r"image at index 1 is not an image file that Pillow can read .*b'not an image'"),
     (b"", r"image at index 1 is not an image file .*: 0 bytes"),
-    (base64.b64encode(b"%PDF-1.4 a pdf"), r"image at index 1 is not an image file .*b'JVBERi0xLjQgYSBw'"),
+    (base64.b64encode(b"%PDF-1.4 a pdf"), r"image at index 1 is not an image file .*: 14 bytes \(base64-decoded\) starting b'%PDF-1.4 a pdf'"),
     (encode(np.zeros((40, 40, 3), np.uint8), "JPEG")[:200], r"(?i)image at index 1 is not an image file .*truncated"),
     (np.array([[b"255"]]), r"image at index 1 is an array of \|S3 shaped \(1, 1\): expected an image file's bytes"),
     (3.5, r"image at index 1 is a float: expected an image file's bytes"),
@@ -344,4 +344,4 @@ def test_the_served_champion_answers_base64_files_as_tlkit_predict_does(image_fo
     assert status == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE", error
     ours = error["message"].split("Error: ")[-1]  # MLflow puts the request's data before it
     assert ours.startswith("image at index 1 is not an image file that Pillow can read"), ours
-    assert ours.endswith("9 bytes starting b'just text'") and "Traceback" not in json.dumps(error), ours
+    assert ours.endswith("9 bytes (base64-decoded) starting b'just text'") and "Traceback" not in json.dumps(error), ours

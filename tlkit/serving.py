@@ -86,16 +86,18 @@ def to_pixels(value, index: int) -> np.ndarray:
     """A row of the image column -> its pixels; what is not an image is the caller's error (MLflow's
     scoring server answers an MlflowException of INVALID_PARAMETER_VALUE with HTTP 400 and its message)."""
     if isinstance(value, (bytes, bytearray, memoryview, str)):
+        data = file_bytes(value)
         try:
-            return decode(file_bytes(value))
+            return decode(data)
         except UNREADABLE as err:
             # Pillow's message for an unknown format names only an in-memory file object. The bytes
-            # quoted are those that came in, base64 or not.
+            # quoted are the file's, after base64 decoding where the row was base64 text.
             why = "" if isinstance(err, Image.UnidentifiedImageError) else f" ({err})"
             sent = value.encode() if isinstance(value, str) else bytes(value)
+            decoded = " (base64-decoded)" if data != sent else ""
             raise MlflowException.invalid_parameter_value(
                 f"image at index {index} is not an image file that Pillow can read (JPEG, PNG, BMP, GIF, WebP, ...)"
-                f"{why}: {len(sent)} bytes starting {sent[:16]!r}") from None
+                f"{why}: {len(data)} bytes{decoded} starting {data[:16]!r}") from None
     pixels = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
     if pixels is None or pixels.dtype.kind not in "buif":  # e.g. pixel JSON that MLflow made bytes of
         what = f"a {type(value).__name__}" if pixels is None else f"an array of {pixels.dtype} shaped {pixels.shape}"
