@@ -481,17 +481,37 @@ def promote_command(experiment: str | None, suite_run: str | None, dataset_diges
 @main.command("predict")
 @click.option("--model", "model_uri", required=True,
               help="model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", default=None,
+              help="also write FILE.csv or FILE.parquet: path, label, probability, error, p_<class> per class")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @friendly_errors
-def predict_command(model_uri: str, images: tuple[str, ...]) -> None:
-    """Classify IMAGES (PNG or JPEG, any size): one line each, path<TAB>label<TAB>probability.
+def predict_command(model_uri: str, output: str | None, images: tuple[str, ...]) -> None:
+    """Classify IMAGES (files of any size, or folders, read recursively): one line each,
+    path<TAB>label<TAB>probability.
 
-    Example: tlkit predict --model models:/cifar10-vgg16@champion cat.jpg ship.png
+    Folders stream in batches with a progress bar on stderr. With --output, a file that is not an
+    image gets a row with its error and the rest are scored; without it, such a file in a folder is
+    named on stderr and the command exits 1 at the end. Files named one by one are all read first:
+    one that is not an image stops the command before the model loads.
+
+    Example: tlkit predict --model models:/cifar10-vgg16@champion ./photos --output answers.csv
     """
-    from tlkit import registry
+    from tlkit import registry, scoring
 
-    for path, label, probability in registry.predict(model_uri, list(images)):
-        click.echo(f"{path}\t{label}\t{probability:.4f}")
+    if not output and not any(Path(p).is_dir() for p in images):
+        for path, label, probability in registry.predict(model_uri, list(images)):
+            click.echo(f"{path}\t{label}\t{probability:.4f}")
+        return
+    if not any(Path(p).is_dir() for p in images):
+        for path in images:  # named one by one: every file read before the model loads
+            registry.read_image(path)
+    scored = scoring.score(model_uri, list(images), output, click.echo)
+    if scored.errors and output:
+        click.echo(f"tlkit: {scored.errors} of {scored.images} files are not images; their rows in {output} "
+                   "say why", err=True)
+    elif scored.errors:
+        raise click.ClickException(f"{scored.errors} of {scored.images} files are not images (named above); "
+                                   "the rest are scored")
 
 
 @main.command("download")
