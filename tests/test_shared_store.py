@@ -87,3 +87,14 @@ def test_two_suites_on_a_server_with_a_new_postgres_database_both_finish(postgre
         check_both_finished(done, uri, tmp_path / "cache")
     finally:
         stop(server)
+
+
+@pytest.mark.e2e
+def test_two_suites_straight_on_a_new_postgres_database_both_finish(postgres, image_folder, tmp_path):
+    # No server between: each process's MLflow client creates the tables itself, as on SQLite.
+    database = f"direct_{free_port()}"
+    subprocess.run(postgres.as_user + [str(postgres.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(postgres.port),
+                                       "-U", "postgres", database], check=True, capture_output=True)
+    uri = postgres.uri.rsplit("/", 1)[0] + f"/{database}"
+    done = two_suites(uri, image_folder, tmp_path / "cache", tmp_path)
+    check_both_finished(done, uri, tmp_path / "cache")

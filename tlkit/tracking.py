@@ -91,34 +91,55 @@ def check_reachable() -> str:
     return uri
 
 
+# The PostgreSQL advisory lock's key: any fixed 64-bit number that other software on the database is
+# unlikely to take; int.from_bytes(b"tlkit-db", "big") >> 1.
+POSTGRES_LOCK_KEY = 0x746C6B69742D6462 >> 1
+
+
 @contextlib.contextmanager
 def store_creation_lock(uri: str):
-    """Serialise MLflow's creation of a new SQLite store's tables across processes on this machine.
+    """Serialise MLflow's creation of a new store's tables across processes: SQLite and PostgreSQL.
 
-    The first client of a new store creates its tables (SqlAlchemyStore.__init__ runs every alembic
-    migration, then makes the Default experiment); two processes starting together both found no
-    tables and both migrated, and the second failed ("duplicate column name: step", "Online migration
-    expected to match one row", or a locked database). Under an exclusive flock on `<store>.lock`,
-    beside the database, one process creates them while the other waits, then finds them made.
-    The lock file stays (empty). A tracking server creates its tables once at its own start, so
-    http(s) stores need no lock; a database URI other than SQLite is left as it is."""
-    import fcntl
-
+    The first client of a new database creates its tables (SqlAlchemyStore.__init__ runs every
+    alembic migration, then makes the Default experiment). Two processes starting together both
+    found no tables and both migrated, and the second failed: on SQLite "duplicate column name:
+    step" (or "Online migration expected to match one row", or a locked database), on PostgreSQL a
+    UniqueViolation. So the first touch of the store (check_reachable) holds a lock while MLflow
+    creates them; the other process waits, then finds them made. SQLite: an exclusive flock on
+    `<store>.lock`, an empty file left beside the database (one machine's processes, which is
+    what SQLite is shared by). PostgreSQL: a session advisory lock (pg_advisory_lock), across
+    machines. A tracking server creates its tables once at its own start: http(s) needs no lock.
+    Other databases (MySQL, MSSQL) are left as they are."""
     path = _sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    lock = Path(f"{path}.lock")
-    try:
-        handle = open(lock, "a")
-    except OSError as err:
-        raise TrackingError(f"tracking store {uri}: cannot create its lock file {lock}: {err.strerror}") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process creates the tables
+    if path is not None:
+        import fcntl
+
+        lock = Path(f"{path}.lock")
         try:
-            yield
+            handle = open(lock, "a")
+        except OSError as err:
+            raise TrackingError(f"tracking store {uri}: cannot create its lock file {lock}: {err.strerror}") from None
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process creates the tables
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif uri.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": POSTGRES_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": POSTGRES_LOCK_KEY})
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            engine.dispose()
+    else:
+        yield
 
 
 def _sqlite_path(uri: str) -> Path | None:
