@@ -118,7 +118,7 @@ def store_creation_lock(uri: str):
         try:
             handle = open(lock, "a")
         except OSError as err:
-            raise TrackingError(f"tracking store {uri}: cannot create its lock file {lock}: {err.strerror}") from None
+            raise TrackingError(f"cannot create its lock file {lock}: {err.strerror}") from None
         with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process creates the tables
             try:
