@@ -24,6 +24,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# MLflow draws a progress bar on stderr for every artifact download once tqdm is installed (ai-edge-litert,
+# of the export extra, brings it), and CliRunner's output holds stderr too: tests read the commands' lines.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 # Subprocesses (the CLI, servers, workers) import tlkit from this checkout, whatever checkout an

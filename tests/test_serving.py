@@ -79,17 +79,21 @@ def sample_pixels(seed: int, height: int = 41, width: int = 53) -> np.ndarray:
 
 def test_signature_and_input_example_show_the_encoded_form(logged):
     model, folder, example = logged
-    schema = model.metadata.get_input_schema()
-    assert schema.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    # No input schema: MLflow would refuse a bare pixel batch before the model sees it (serving.py).
+    assert model.metadata.get_input_schema() is None
+    assert [c["name"] for c in model.metadata.get_output_schema().to_dict()] == ["label", "probability", "probabilities"]
+    assert "uint8 (N, H, W, 3)" in model.metadata.metadata["input"]
     # The example is what a request holds: PNG files' bytes, which decode to the very pixels given.
     logged_example = model.input_example
     assert list(logged_example.columns) == ["image"]
-    assert [Image.open(io.BytesIO(b)).format for b in logged_example["image"]] == ["PNG", "PNG"]
-    np.testing.assert_array_equal(np.stack([serving.decode(b) for b in logged_example["image"]]), example)
+    # Without an input schema MLflow reads the example back as the base64 text it stored.
+    files = [serving.file_bytes(b) for b in logged_example["image"]]
+    assert [Image.open(io.BytesIO(b)).format for b in files] == ["PNG", "PNG"]
+    np.testing.assert_array_equal(np.stack([serving.decode(b) for b in files]), example)
     # ...and the serving example is the JSON body to send: base64 text in a dataframe_split.
     body = json.loads((folder / "serving_input_example.json").read_text())
     assert body["dataframe_split"]["columns"] == ["image"]
-    assert [base64.b64decode(row[0]) for row in body["dataframe_split"]["data"]] == list(logged_example["image"])
+    assert [base64.b64decode(row[0]) for row in body["dataframe_split"]["data"]] == files
 
 
 # --- encoded files in ---------------------------------------------------------------------------
@@ -164,17 +168,40 @@ def test_pixel_arrays_of_any_size_and_channels_mixed_with_files(logged):
     np.testing.assert_array_equal(serving.to_network_input([images[4]], SIZE), pixels)
 
 
-def test_a_bare_pixel_batch_is_refused_by_mlflow_and_taken_as_rows(logged):
-    # The README's "why": under a column signature MLflow makes a DataFrame of the input first.
+def test_a_bare_uint8_batch_predicts_as_every_other_form_does(logged):
+    # What a Keras user has in hand: mlflow.pyfunc.load_model(uri).predict(images).
     model, _, _ = logged
-    batch = np.stack([sample_pixels(6), sample_pixels(7)])
-    with pytest.raises(MlflowException, match="Must pass 2-d input"):
-        model.predict(batch)
-    rows = model.predict(image_rows(batch))
-    assert len(rows) == 2 and set(rows["label"]) <= set(CLASSES)
-    # Called unwrapped the model takes the batch as it is (an old-style caller of the Python class).
-    unwrapped = model.unwrap_python_model().predict(None, batch)
-    assert list(unwrapped["probability"]) == list(rows["probability"])
+    batch = np.stack([sample_pixels(6), sample_pixels(7), sample_pixels(8)])
+    files = [encode(image, "PNG") for image in batch]  # lossless: the very pixels
+    want = model.predict(batch)
+    assert list(want.columns) == ["label", "probability", "probabilities"] and len(want) == 3
+    forms = {
+        "pixel rows": image_rows(batch),
+        "a list of pixel arrays": list(batch),
+        "float pixels": batch.astype(np.float32),
+        "file bytes": frame(*files),
+        "base64 text": frame(*(base64.b64encode(f).decode() for f in files)),
+        "a dict (a JSON `inputs` request)": {"image": np.array([base64.b64encode(f).decode() for f in files])},
+        "records (a JSON `instances` request)": [{"image": f} for f in files],
+    }
+    for form, value in forms.items():
+        got = model.predict(value)
+        assert list(got["label"]) == list(want["label"]), form
+        np.testing.assert_array_equal(np.stack(got["probabilities"]), np.stack(want["probabilities"]), err_msg=form)
+    # Grey and RGBA batches too.
+    assert len(model.predict(batch[..., :1])) == 3 and len(model.predict(np.concatenate([batch, batch[..., :1]], axis=-1))) == 3
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.zeros((32, 32, 3), np.uint8), r"an array of images must be \(N, H, W, C\); got shape \(32, 32, 3\) \(one image: image\[None\]\)"),
+    (pd.DataFrame({"picture": [b"x"]}), r"expected a column 'image' .*; got columns \['picture'\]"),
+    ({"pixels": [1]}, r"expected a column 'image'"),
+])
+def test_an_input_of_no_known_form_is_refused_in_one_line(logged, value, message):
+    model, _, _ = logged
+    with pytest.raises(MlflowException, match=message) as raised:
+        model.predict(value)
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE" and "\n" not in raised.value.message
 
 
 def test_zero_images_in_zero_answers_out(logged):
@@ -188,7 +215,7 @@ def test_zero_images_in_zero_answers_out(logged):
 @pytest.mark.parametrize("value, message", [
     (b"not an image", r"image at index 1 is not an image file that Pillow can read .*b'not an image'"),
     (b"", r"image at index 1 is not an image file .*: 0 bytes"),
-    (base64.b64encode(b"%PDF-1.4 a pdf"), r"image at index 1 is not an image file .*b'JVBERi0xLjQgYSBw'"),
+    (base64.b64encode(b"%PDF-1.4 a pdf"), r"image at index 1 is not an image file .*: 14 bytes \(base64-decoded\) starting b'%PDF-1.4 a pdf'"),
     (encode(np.zeros((40, 40, 3), np.uint8), "JPEG")[:200], r"(?i)image at index 1 is not an image file .*truncated"),
     (np.array([[b"255"]]), r"image at index 1 is an array of \|S3 shaped \(1, 1\): expected an image file's bytes"),
     (3.5, r"image at index 1 is a float: expected an image file's bytes"),
@@ -294,6 +321,9 @@ def test_the_served_champion_answers_base64_files_as_tlkit_predict_does(image_fo
                   {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
                   {"inputs": {"image": encoded}}]
         answers = [post(port, body) for body in bodies]
+        # The two CIFAR-10 JPEGs (both 32x32) as a bare pixel batch: what `instances` / `inputs` carry.
+        pixels = np.stack([registry.read_image(str(f)) for f in files[:2]]).tolist()
+        batches = [post(port, {"inputs": pixels}), post(port, {"instances": pixels})]
         bad = post(port, {"dataframe_records": [{"image": encoded[0]},
                                                 {"image": base64.b64encode(b"just text").decode()}]})
         after = post(port, bodies[0])  # the server goes on serving
@@ -305,8 +335,13 @@ def test_the_served_champion_answers_base64_files_as_tlkit_predict_does(image_fo
         assert [p["label"] for p in predictions] == [label for _, label, _ in expected]
         np.testing.assert_allclose([p["probability"] for p in predictions], [p for _, _, p in expected], atol=1e-6)
         assert all(len(p["probabilities"]) == len(CLASSES) for p in predictions)
+    for status, answer in batches:
+        assert status == 200, answer
+        assert [p["label"] for p in answer["predictions"]] == [label for _, label, _ in expected[:2]]
+        np.testing.assert_allclose([p["probability"] for p in answer["predictions"]], [p for _, _, p in expected[:2]],
+                                   atol=1e-6)
     status, error = bad
     assert status == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE", error
     ours = error["message"].split("Error: ")[-1]  # MLflow puts the request's data before it
     assert ours.startswith("image at index 1 is not an image file that Pillow can read"), ours
-    assert ours.endswith("9 bytes starting b'just text'") and "Traceback" not in json.dumps(error), ours
+    assert ours.endswith("9 bytes (base64-decoded) starting b'just text'") and "Traceback" not in json.dumps(error), ours

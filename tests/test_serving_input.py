@@ -199,7 +199,7 @@ def test_read_image_decodes_as_training_does(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p, "does not exist"),
     (lambda p: (p.write_bytes(b"\x89PNG\r\n\x1a\n truncated"), p)[1], "cannot be read"),
-    (lambda p: (p.write_text("not an image"), p)[1], "cannot be read: cannot identify image file"),
+    (lambda p: (p.write_text("not an image"), p)[1], "cannot be read: not an image file that Pillow can read"),
     (lambda p: (p.mkdir(), p)[1], "cannot be read"),
 ], ids=["missing", "truncated png", "text", "a folder"])
 def test_read_image_names_a_file_it_cannot_use(make, message, tmp_path):

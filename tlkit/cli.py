@@ -489,17 +489,37 @@ def promote_command(experiment: str | None, suite_run: str | None, dataset_diges
 @main.command("predict")
 @click.option("--model", "model_uri", required=True,
               help="model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", default=None,
+              help="also write FILE.csv or FILE.parquet: path, label, probability, error, p_<class> per class")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @friendly_errors
-def predict_command(model_uri: str, images: tuple[str, ...]) -> None:
-    """Classify IMAGES (PNG or JPEG, any size): one line each, path<TAB>label<TAB>probability.
+def predict_command(model_uri: str, output: str | None, images: tuple[str, ...]) -> None:
+    """Classify IMAGES (files of any size, or folders, read recursively): one line each,
+    path<TAB>label<TAB>probability.
 
-    Example: tlkit predict --model models:/cifar10-vgg16@champion cat.jpg ship.png
+    Folders stream in batches with a progress bar on stderr. With --output, a file that is not an
+    image gets a row with its error and the rest are scored; without it, such a file in a folder is
+    named on stderr and the command exits 1 at the end. Files named one by one are all read first:
+    one that is not an image stops the command before the model loads.
+
+    Example: tlkit predict --model models:/cifar10-vgg16@champion ./photos --output answers.csv
     """
-    from tlkit import registry
+    from tlkit import registry, scoring
 
-    for path, label, probability in registry.predict(model_uri, list(images)):
-        click.echo(f"{path}\t{label}\t{probability:.4f}")
+    if not output and not any(Path(p).is_dir() for p in images):
+        for path, label, probability in registry.predict(model_uri, list(images)):
+            click.echo(f"{path}\t{label}\t{probability:.4f}")
+        return
+    if not any(Path(p).is_dir() for p in images):
+        for path in images:  # named one by one: every file read before the model loads
+            registry.read_image(path)
+    scored = scoring.score(model_uri, list(images), output, click.echo)
+    if scored.errors and output:
+        click.echo(f"tlkit: {scored.errors} of {scored.images} files are not images; their rows in {output} "
+                   "say why", err=True)
+    elif scored.errors:
+        raise click.ClickException(f"{scored.errors} of {scored.images} files are not images (named above); "
+                                   "the rest are scored")
 
 
 @main.command("download")
@@ -517,6 +537,44 @@ def download_command(model_uri: str, dst: str) -> None:
     from tlkit import registry
 
     click.echo(str(registry.download(model_uri, dst)))
+
+
+@main.command("export")
+@click.option("--model", "model_uri", required=True,
+              help="model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
+@click.option("--format", "formats", required=True, multiple=True,
+              help="saved_model, onnx or litert; repeat it or give several with commas: --format onnx,litert")
+@click.option("--dst", required=True, type=click.Path(), help="new or empty folder to write the files to")
+@click.option("--images", default=None, type=click.Path(exists=True),
+              help="test images to check the export on (image folder or .npz)  [default: the run's data]")
+@click.option("--sample", type=int, default=64, help="test images each format is checked on")
+@click.option("--log", "log_to_store", is_flag=True,
+              help="log the checks (tags) and the files (artifacts exported/) to the model's version and run")
+@friendly_errors
+def export_command(model_uri: str, formats: tuple[str, ...], dst: str, images: str | None, sample: int,
+                   log_to_store: bool) -> None:
+    """Export a model as SavedModel, ONNX and/or LiteRT, each checked against the logged model.
+
+    Every file runs in its own runtime on test images (the run's, or --images) and must give the
+    logged model's probabilities (float32: differences ~1e-6) and top-1 classes before it is kept.
+    The graphs take float32 (N, size, size, 3) RGB pixels in 0..255 at the network's size.
+    Needs pip install 'tlkit[export]'.
+
+    Example: tlkit export --model models:/cifar10-vgg16@champion --format saved_model,onnx,litert --dst ./shipped
+    """
+    from tlkit import export
+
+    wanted = [f.strip() for given in formats for f in given.split(",") if f.strip()]
+    try:
+        result = export.export(model_uri, list(dict.fromkeys(wanted)), dst, images=images, sample=sample,
+                               log_to_store=log_to_store)
+    except export.ExportError as err:  # a failure while exporting or checking: one line, exit 1
+        raise click.ClickException(str(err)) from None
+    click.echo(f"input of every graph: {result.input}")
+    for check in result.checks:
+        click.echo(f"{check.format}\t{check.path}\tlargest probability difference {check.max_difference:.2g} on "
+                   f"{check.images} test images\ttop-1 agreement {check.top1_agreement:.4f} on the "
+                   f"{check.decided} whose top-two margin exceeds it")
 
 
 def entry() -> None:

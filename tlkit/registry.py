@@ -359,7 +359,11 @@ def read_image(path: str) -> np.ndarray:
     except FileNotFoundError:
         raise RegistryError(f"image {path} does not exist") from None
     except UNREADABLE as err:
-        raise RegistryError(f"image {path} cannot be read: {err}") from None
+        from PIL import Image
+
+        # Pillow's message for an unknown format names only the in-memory file object it was given.
+        why = "not an image file that Pillow can read" if isinstance(err, Image.UnidentifiedImageError) else err
+        raise RegistryError(f"image {path} cannot be read: {why}") from None
 
 
 def predict(model_uri: str, paths: list[str]) -> list[tuple[str, str, float]]:

@@ -4,19 +4,25 @@ MLflow logs this file as code ("models from code"): nothing is pickled, and the 
 wherever tensorflow, mlflow and pillow are installed, without tlkit. It wraps the end-to-end Keras
 network (preprocessing inside), saved as `model.keras`, and the class names beside it.
 
-Input: a DataFrame with one column, `image` (the logged signature: binary). Each row is either
-- the bytes of an image file (JPEG, PNG, BMP, GIF, WebP: whatever Pillow reads), base64-encoded in a
-  JSON request to `mlflow models serve`; decoded here exactly as `tlkit predict` decodes a file, or
-- a pixel array (H, W, C) with C = 1 (grayscale), 3 (RGB) or 4 (RGBA), or (H, W).
+Input, in any of these forms:
+- a uint8 (or any 8-bit-valued) array of images, (N, H, W, C) with C = 3, 1 or 4:
+  what a Keras user has in hand, `model.predict(images)`;
+- a DataFrame with one column, `image` (or a dict {"image": [...]}, or records [{"image": ...}]), each
+  row either the bytes of an image file (JPEG, PNG, BMP, GIF, WebP: whatever Pillow reads), as bytes or
+  as base64 text (what a JSON request to `mlflow models serve` carries), decoded here exactly as
+  `tlkit predict` decodes a file, or a pixel array (H, W, C) with C = 1, 3 or 4, or (H, W).
 Any H and W: every image is resized to the network's size. Output: a DataFrame with `label`,
 `probability` and `probabilities` (one per class, in class order).
 
-Why not a bare (N, H, W, C) array, as before: MLflow checks the input against the logged signature
-before this model sees it, and one signature cannot take both. Only a binary column makes MLflow's
-scoring server base64-decode a `dataframe_split` or `dataframe_records` request, and under any
-column signature MLflow first makes a DataFrame of the input, which pandas refuses for a 4-D array
-("Must pass 2-d input"). So pixel arrays come as rows of the same column:
-`model.predict(pd.DataFrame({"image": list(images)}))`.
+Why the logged signature names outputs only: MLflow (3.17.2) checks the input against the
+signature's input schema before this model sees it (PyFuncModel._predict -> _enforce_schema,
+mlflow/models/utils.py), and under any column schema it first makes a DataFrame of an array, which
+pandas refuses for a 4-D one ("Must pass 2-d input"); a tensor schema instead refuses the column of
+file bytes, and a signature from type hints makes the scoring server refuse `dataframe_split` and
+`dataframe_records` requests. No schema can take both, so the model logs none for its input, and
+MLflow passes every form through to predict here, which checks it (one-line errors naming the
+image at fault) and base64-decodes request text itself (file_bytes). The input example (PNG files'
+bytes in the `image` column) shows the request form; the model's metadata says the rest.
 
 tlkit imports from here: `tlkit predict` (registry.read_image) decodes a file with `decode`, and
 training (sources.read_image) converts colours with `to_rgb`. So the served model reads a file's bytes
@@ -80,16 +86,18 @@ def to_pixels(value, index: int) -> np.ndarray:
     """A row of the image column -> its pixels; what is not an image is the caller's error (MLflow's
     scoring server answers an MlflowException of INVALID_PARAMETER_VALUE with HTTP 400 and its message)."""
     if isinstance(value, (bytes, bytearray, memoryview, str)):
+        data = file_bytes(value)
         try:
-            return decode(file_bytes(value))
+            return decode(data)
         except UNREADABLE as err:
             # Pillow's message for an unknown format names only an in-memory file object. The bytes
-            # quoted are those that came in, base64 or not.
+            # quoted are the file's, after base64 decoding where the row was base64 text.
             why = "" if isinstance(err, Image.UnidentifiedImageError) else f" ({err})"
             sent = value.encode() if isinstance(value, str) else bytes(value)
+            decoded = " (base64-decoded)" if data != sent else ""
             raise MlflowException.invalid_parameter_value(
                 f"image at index {index} is not an image file that Pillow can read (JPEG, PNG, BMP, GIF, WebP, ...)"
-                f"{why}: {len(sent)} bytes starting {sent[:16]!r}") from None
+                f"{why}: {len(data)} bytes{decoded} starting {data[:16]!r}") from None
     pixels = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
     if pixels is None or pixels.dtype.kind not in "buif":  # e.g. pixel JSON that MLflow made bytes of
         what = f"a {type(value).__name__}" if pixels is None else f"an array of {pixels.dtype} shaped {pixels.shape}"
@@ -132,6 +140,24 @@ def to_network_input(images, size: int) -> np.ndarray:
     return np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
 
 
+def rows_of(model_input):
+    """The images of any input form (module docstring), one per item."""
+    if isinstance(model_input, pd.DataFrame) or isinstance(model_input, dict):
+        if COLUMN not in model_input:
+            names = list(model_input.columns if isinstance(model_input, pd.DataFrame) else model_input)
+            raise MlflowException.invalid_parameter_value(
+                f"expected a column {COLUMN!r} of image files' bytes (base64 in JSON) or pixel arrays, or a uint8 "
+                f"(N, H, W, 3) array of images; got columns {names[:10]}")
+        return model_input[COLUMN]
+    if isinstance(model_input, list) and model_input and all(isinstance(row, dict) for row in model_input):
+        return [row.get(COLUMN) for row in model_input]  # records, as a JSON `instances` request holds them
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "buif" and model_input.ndim != 4:
+        # (H, W, 3) would otherwise be read as H images of W pixels.
+        raise MlflowException.invalid_parameter_value(
+            f"an array of images must be (N, H, W, C); got shape {model_input.shape} (one image: image[None])")
+    return model_input  # a batch of images, or a sequence of images or files' bytes
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
@@ -142,11 +168,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.class_names = json.load(f)
         self.size = int(self.network.input_shape[1])
 
-    # Annotated pd.DataFrame: MLflow then checks requests against the logged signature (the binary
-    # `image` column) and neither infers a schema from the hint nor warns that there is none. Called
-    # unwrapped (unwrap_python_model), it also takes a sequence of images, or a (N, H, W, C) array.
+    # Annotated pd.DataFrame: MLflow infers no signature from the hint (tracking.log_model states the
+    # outputs) and does not warn that there is none; predict takes the other forms too (rows_of).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        rows = model_input[COLUMN] if isinstance(model_input, pd.DataFrame) else model_input
+        rows = rows_of(model_input)
         pixels = to_network_input([to_pixels(value, i) for i, value in enumerate(rows)], self.size)
         # Direct calls, not network.predict: predict would first trace a graph for this network,
         # 0.2-0.6 s on a 2-core CPU against 0.06-0.1 s for a call on 2 images (VGG16 at 32x32), and

@@ -78,7 +78,8 @@ def check_reachable() -> str:
     previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with store_creation_lock(uri):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
         text = str(err)
         if "401" in text or "403" in text:
@@ -92,6 +93,67 @@ def check_reachable() -> str:
         else:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
     return uri
+
+
+# The PostgreSQL advisory lock's key: any fixed 64-bit number that other software on the database is
+# unlikely to take; int.from_bytes(b"tlkit-db", "big") >> 1.
+POSTGRES_LOCK_KEY = 0x746C6B69742D6462 >> 1
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str):
+    """Serialise MLflow's creation of a new store's tables across processes: SQLite and PostgreSQL.
+
+    The first client of a new database creates its tables (SqlAlchemyStore.__init__ runs every
+    alembic migration, then makes the Default experiment). Two processes starting together both
+    found no tables and both migrated, and the second failed: on SQLite "duplicate column name:
+    step" (or "Online migration expected to match one row", or a locked database), on PostgreSQL a
+    UniqueViolation. So the first touch of the store (check_reachable) holds a lock while MLflow
+    creates them; the other process waits, then finds them made. SQLite: an exclusive flock on
+    `<store>.lock`, an empty file left beside the database (one machine's processes, which is
+    what SQLite is shared by). PostgreSQL: a session advisory lock (pg_advisory_lock), across
+    machines. A tracking server creates its tables once at its own start: http(s) needs no lock.
+    Other databases (MySQL, MSSQL) are left as they are."""
+    path = _sqlite_path(uri)
+    if path is not None:
+        import fcntl
+
+        lock = Path(f"{path}.lock")
+        try:
+            handle = open(lock, "a")
+        except OSError as err:
+            raise TrackingError(f"cannot create its lock file {lock}: {err.strerror}") from None
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process creates the tables
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif uri.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": POSTGRES_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": POSTGRES_LOCK_KEY})
+        finally:
+            engine.dispose()
+    else:
+        yield
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, None for any other store (or an in-memory database)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split("://", 1)[-1].split("?", 1)[0]
+    if not path or path in ("/", "/:memory:") or path.startswith("/file:"):
+        return None
+    return Path(path[1:]) if path.startswith("/") else Path(path)
 
 
 def experiment_id() -> str:
@@ -287,6 +349,11 @@ def load_predictions(run_id: str):
         return stats.read_predictions(Path(path).read_bytes())
 
 
+# What the logged model takes (its signature names no input schema: serving.py), in its metadata.
+INPUT_FORMS = ("a uint8 (N, H, W, 3) array of images; or an `image` column of image files' bytes (base64 text in "
+               "JSON: dataframe_records, dataframe_split or inputs) or of (H, W, C) pixel arrays; any size")
+
+
 def log_model(network, class_names, example: np.ndarray, spec: dict):
     """Log the end-to-end network as the pyfunc in serving.py; returns MLflow's ModelInfo.
 
@@ -300,10 +367,10 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    # binary: MLflow's scoring server base64-decodes the column of a dataframe_split or
-    # dataframe_records request (serving.py decodes an `inputs` request's base64 itself).
+    # Outputs only: an input schema would make MLflow refuse a bare (N, H, W, 3) array before the
+    # model sees it, and no schema takes both it and the column of files (serving.py says why).
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, COLUMN)]),
+        inputs=None,
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "probability"),
                         ColSpec(Array(DataType.double), "probabilities")]),
     )
@@ -326,7 +393,8 @@ def log_model(network, class_names, example: np.ndarray, spec: dict):
             signature=signature,
             input_example=pd.DataFrame({COLUMN: [_png(image) for image in np.asarray(example, np.uint8)]}),
             pip_requirements=requirements,  # stated, so MLflow need not load the model to infer them
-            metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"]},
+            metadata={"class_names": list(class_names), "image_size": spec["image_size"], "base": spec["base"],
+                      "input": INPUT_FORMS},
         )
 
 
