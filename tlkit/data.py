@@ -20,7 +20,7 @@ any size takes the memory of a few batches. Loading it decodes every sampled ima
 same streaming way, to find unreadable files and to compute the digest of the pixels; the keras
 download and .npz files are arrays already and stay arrays.
 
-One module for the three sources (about 480 lines): they share the split, limit, class and digest
+One module for the three sources: they share the split, limit, class and digest
 rules and the wording of their errors, which is what a user meets first; apart, each rule would
 have to be kept the same in three places.
 """
