@@ -100,7 +100,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_accuracy_against_time(json.loads((RESULTS / "recipe.json").read_text()), out / "recipe-accuracy-time.png")
-    images_per_second_by_path(json.loads((RESULTS / "cluster_pass.json").read_text()), out / "pass-images-per-second.png")
+    images_per_second_by_path(json.loads((RESULTS / "cluster_pass.json").read_text()),
+                              out / "pass-images-per-second.png")
     notebook_against_tlkit(json.loads(Path(args.notebook_table).read_text()), out / "notebook-table.png")
     print(f"wrote {out}/recipe-accuracy-time.png, pass-images-per-second.png, notebook-table.png")
 

@@ -165,7 +165,7 @@ def test_pixel_arrays_of_any_size_and_channels_mixed_with_files(logged):
 
 
 def test_a_bare_pixel_batch_is_refused_by_mlflow_and_taken_as_rows(logged):
-    # The README's "why": under a column signature MLflow makes a DataFrame of the input first.
+    # docs/registry.md's "why": under a column signature MLflow makes a DataFrame of the input first.
     model, _, _ = logged
     batch = np.stack([sample_pixels(6), sample_pixels(7)])
     with pytest.raises(MlflowException, match="Must pass 2-d input"):

@@ -98,7 +98,8 @@ def test_the_printed_link_opens_the_runs_with_test_accuracy_and_the_champion(ser
         # The runs table comes in parts (pinned names, scrolled columns), a row of each per run.
         metric = f'[role=row][row-id="{run.info.run_id}"] [col-id="metrics.`test_accuracy`"]'
         name = f'[role=row][row-id="{run.info.run_id}"] [col-id="attributes.`Run Name`"]'
-        _wait(browser, shown.presence_of_element_located(("css selector", metric)), f"{run.info.run_name}'s test_accuracy")
+        _wait(browser, shown.presence_of_element_located(("css selector", metric)),
+              f"{run.info.run_name}'s test_accuracy")
         # The run's name (after the colour swatch's label) and its logged test_accuracy, shown
         # without the user adding the column (cut short on screen to the column's width).
         assert _text(browser, name).endswith(run.info.run_name)

@@ -4,7 +4,7 @@ The tracking URI follows MLflow's own rules (MLFLOW_TRACKING_URI, else sqlite://
 the experiment is --experiment, else MLFLOW_EXPERIMENT_NAME, else MLflow's default. Under
 `mlflow run`, MLFLOW_RUN_ID names the run that the project created, and we log into it.
 
-A tracking server that restarts while runs log (README: "Nothing lost when the tracking server
+A tracking server that restarts while runs log (docs/tracking.md: "Nothing lost when the tracking server
 restarts") is ridden out by MLflow's own client: every request it sends is retried on a refused
 or broken connection and on 408/429/500/502/503/504 (mlflow/utils/request_utils.py), with the
 defaults MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2: urllib3 waits

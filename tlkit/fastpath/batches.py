@@ -18,7 +18,7 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     seeded from the global seed), cuts it into batches (the last one partial) and gathers each
     batch in a parallel map behind a prefetch buffer. This is that pipeline with the gather done
     in the calling thread: with steps of a millisecond or two (a head on cached features) the
-    hand-off through the buffer costs more than the gather (README, "Speed").
+    hand-off through the buffer costs more than the gather (docs/performance.md).
 
     x as data.ImageFiles (an image folder, streamed): the same permutation, each batch's files
     decoded in a parallel map (stream.decoded), so the same batches in the same order as the arrays.
