@@ -1,4 +1,4 @@
-"""Guards for the private or undocumented names tlkit uses (README: "Private APIs"): an upgrade that
+"""Guards for the private or undocumented names tlkit uses (docs/development.md: "Private APIs"): an upgrade that
 removes or changes one fails here, naming it, rather than somewhere deep in a run. pyproject.toml
 bounds each package below its next minor version, so a fresh install gets the tested combination."""
 

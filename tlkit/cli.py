@@ -7,7 +7,7 @@ load 2.8), where importing train.py's chain at start would load TensorFlow and M
 Exit codes: 2 for bad input (a parameter, a spec, a data source), 1 for a failure while running;
 one line on stderr, no traceback unless --debug.
 
-One module for every command (about 470 lines): a command is its options and a few lines that
+One module for every command: a command is its options and a few lines that
 call into the module that does the work; the options shared by several are made once here.
 """
 

@@ -7,7 +7,7 @@ and the base's output derived from it; with `flip` the mirrored training images'
 Only the pass runs on the cluster. The run that follows finds its features (feature_cache=hit,
 feature_engine=ray) and trains its head, or fine-tunes the top block, on this machine: features
 are small (VGG16 at 32 px: 512 float32 an image, 2 KB), and Keras 3 does not train one model
-across machines (README, Scale).
+across machines (docs/scale.md).
 
 Why Ray Data, not Spark (the two engines the issue names):
 - install: `pip install 'tlkit[cluster]'` is `ray[data]`, wheels only (about 240 MB installed; its

@@ -1,16 +1,18 @@
-"""Compare runs, promote the best to the Model Registry, and use the champion.
+"""Promote the best run to the Model Registry (gated on the paired test), and use the champion.
 
-compare: the variant runs of an experiment (or of one suite), best test accuracy first.
-promote: among FINISHED runs that logged a model and a test accuracy on one dataset digest, the
-    best is registered under a model name (default `<dataset>-<base>`, e.g. `cifar10-vgg16`) and
-    gets the alias `champion` only if it beats the champion's test accuracy on the same digest.
-    A test accuracy measured on other images is no evidence either way, so runs on different
-    digests never compete, and a champion tested on another digest is kept unless forced.
-    Promoting twice in a row changes nothing: a run already registered is not registered again.
+promote: among FINISHED runs that logged a model and a test accuracy on one dataset digest (the
+    candidates that compare.py lists), the best is registered under a model name (default
+    `<dataset>-<base>`, e.g. `cifar10-vgg16`) and gets the alias `champion` only if it beats the
+    champion on the same digest: a gain of at least `min_gain` points that McNemar's exact test on
+    the two runs' per-image test predictions finds real (p below `significance`). The decision, the
+    gain with its interval and the per-class changes go on the version's tags and description and
+    on the candidate's run (promotion/). A test accuracy measured on other images is no evidence
+    either way, so runs on different digests never compete, and a champion tested on another
+    digest is kept unless forced. Promoting twice in a row changes nothing: a run already
+    registered is not registered again.
 predict / download: the pyfunc in serving.py, from any model URI (`models:/NAME@champion`).
 
-Every function talks to the tracking server named by MLflow's own rules (MLFLOW_TRACKING_URI).
-"""
+Every function talks to the tracking server named by MLflow's own rules (MLFLOW_TRACKING_URI)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The tracking URI follows MLflow's own rules (MLFLOW_TRACKING_URI, else sqlite://
 the experiment is --experiment, else MLFLOW_EXPERIMENT_NAME, else MLflow's default. Under
 `mlflow run`, MLFLOW_RUN_ID names the run that the project created, and we log into it.
 
-A tracking server that restarts while runs log (README: "Nothing lost when the tracking server
+A tracking server that restarts while runs log (docs/tracking.md: "Nothing lost when the tracking server
 restarts") is ridden out by MLflow's own client: every request it sends is retried on a refused
 or broken connection and on 408/429/500/502/503/504 (mlflow/utils/request_utils.py), with the
 defaults MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2: urllib3 waits
@@ -289,27 +289,64 @@ def run(run_name: str, nested: bool = False, tags: dict | None = None, *, run_id
         raise
     else:
         mlflow.end_run("FINISHED")
+    finally:
+        if not nested and parent_run_id is None:
+            _announce_ui(active)
 
 
-# MLflow 3's UI opens an experiment on the page of its kind, recorded in this tag; without it, an
-# experiment of training runs opened on the GenAI overview (seen in a headless browser, MLflow 3.17.2).
+# What MLflow 3.17.2's UI shows, read from its JS bundle (mlflow/server/js/build) and checked in
+# headless Chromium from a fresh profile (tests/test_ui.py):
+# - an experiment's bare link, #/experiments/<id>, opens MLflow's GenAI overview unless the browser
+#   remembers a click on "Model training" (localStorage); the URL parameter
+#   workflowType=machine_learning opens the training runs whatever the browser remembers. The
+#   experiment kind tag below is not read by 3.17.2's UI (its workflow navigation is hard-coded on,
+#   mlflow/mlflow#24498); it is set for the MLflow versions that do read it.
+# - the runs table's default columns are Source, Models and Dataset, and a user's choice of columns
+#   is kept in the browser. A saved view is the one place an experiment carries columns: the tag
+#   mlflow.sharedViewState.<key> holds the view's JSON (the runs table's search facets and UI state,
+#   by the names in the bundle), applied when the link says viewStateShareKey=<key>.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+UI_VIEW_KEY = "tlkit-runs"
+UI_VIEW_TAG = f"mlflow.sharedViewState.{UI_VIEW_KEY}"
+_UI_COLUMNS = ["metrics.`test_accuracy`", "metrics.`val_accuracy_final`", "attributes.`Models`"]
+UI_VIEW = json.dumps({"orderByKey": "metrics.`test_accuracy`", "orderByAsc": False,
+                      "selectedColumns": _UI_COLUMNS, "columnOrder": _UI_COLUMNS,
+                      "columnWidths": {"metrics.`test_accuracy`": 150, "metrics.`val_accuracy_final`": 170}})
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 
 
 def mark_training_experiment(experiment_id: str) -> None:
-    """Tag the experiment as one of model training, unless it says what it is already."""
+    """Tag the experiment as one of model training (unless it says what it is already), with the
+    runs view that ui_link opens: best test_accuracy first, that column shown."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     try:
-        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        tags = client.get_experiment(experiment_id).tags
+        if EXPERIMENT_KIND_TAG not in tags:
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+        if tags.get(UI_VIEW_TAG) != UI_VIEW:
+            client.set_experiment_tag(experiment_id, UI_VIEW_TAG, UI_VIEW)
     except MlflowException as err:  # a user who may log runs but not edit the experiment: the UI only
-        import logging
-
         logging.getLogger(__name__).debug("experiment %s not tagged: %s", experiment_id, err)
+
+
+def ui_link(experiment_id: str, tracking_uri: str | None = None) -> str:
+    """The experiment's training runs in MLflow's UI, as a user's browser opens them (see above),
+    and, for a store that is not a server, the command that serves that UI."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"{LOCAL_UI}/{page} (after `mlflow ui --backend-store-uri {uri}`)"
+
+
+def _announce_ui(run) -> None:
+    logging.getLogger(__name__).info("runs in MLflow's UI: %s", ui_link(run.info.experiment_id))
 
 
 def log_dataset(dataset) -> None:

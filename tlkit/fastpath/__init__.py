@@ -1,7 +1,7 @@
 """The speed machinery behind one door: how tlkit trains and runs a network faster than plain Keras.
 
 Everything here computes what Keras's compile + fit + predict compute, the same numbers to float
-rounding, in less time on a CPU (figures: README, "Speed"; benchmarks/fast_path.py times the two
+rounding, in less time on a CPU (figures: docs/performance.md; benchmarks/fast_path.py times the two
 ways against each other). The rest of tlkit trains through `fit` (or, where keras-tuner makes the fit
 call itself, `compiled` and `fit_arguments`) and infers through `predict`, and never sees the levers:
 

@@ -20,7 +20,7 @@ def training_batches(x, y, batch_size: int, x_mirrored=None):
     seeded from the global seed), cuts it into batches (the last one partial) and gathers each
     batch in a parallel map behind a prefetch buffer. This is that pipeline with the gather done
     in the calling thread: with steps of a millisecond or two (a head on cached features) the
-    hand-off through the buffer costs more than the gather (README, "Speed").
+    hand-off through the buffer costs more than the gather (docs/performance.md).
 
     x: a sources.Source (or an array). One held in memory rides along in the dataset and is gathered
     in the graph; one that is not (an image folder's files) is read a batch at a time through its

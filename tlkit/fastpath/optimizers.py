@@ -6,7 +6,7 @@ variable, each a pass over the variable with a temporary. TensorFlow's own train
 arithmetic, in the same order (alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t);
 m += (g - m)(1 - beta_1); v += (g^2 - v)(1 - beta_2); var -= m * alpha / (sqrt(v) + epsilon)),
 in one pass. On cached features a head's step is tiny and that difference is a large part of
-it (README, "Speed").
+it (docs/performance.md).
 
 The classes are Keras's own with `update_step` replaced: same constructor, same `get_config` (so
 MLflow's autologged `opt_*` parameters read as Keras's), same slot variables. Results agree with

@@ -10,7 +10,7 @@ each exact up to float rounding:
   images, 3x3 for 48 px) trains as one matrix product over its patches (Im2colConv2D), reading
   and updating the conv's own kernel and bias. TensorFlow's CPU convolution and its two gradient
   kernels are slow at such sizes; one GEMM of (batch x positions, taps x channels) by
-  (taps x channels, filters) runs near the cores' peak (benchmarks/small_map_conv.py, README "Speed").
+  (taps x channels, filters) runs near the cores' peak (benchmarks/small_map_conv.py, docs/performance.md).
 """
 
 from __future__ import annotations
