@@ -130,6 +130,7 @@ class Search:
         self._datasets: dict[tuple, object] = {}
         self.pools: tuple[int, int] | None = None  # (training, test) images the data has
         self.screen_fields = {}
+        self.screen_allowance = 0.0  # seconds the screen may take (plan)
 
     # --- before any long work --------------------------------------------------------------------
     def check(self) -> list[dict]:
@@ -203,13 +204,12 @@ class Search:
                                        sort_keys=True)
         return sorted(screen, key=lambda c: (tier.get(head_of(c), len(tier)), self._estimate(c, self.screen_fields)))
 
-    def affordable(self, ordered: list[dict], screened: list[dict]) -> int:
-        """How many of `ordered` the screen can still run: as many as leave time for the rungs after
-        it, were the dearest of all screened candidates the ones to go on."""
+    def affordable(self, ordered: list[dict], screened: list[Tried]) -> int:
+        """How many of `ordered` the screen can still run within its share of the budget
+        (SCREEN_SHARE of what was left when it began), the screened candidates' seconds counted."""
+        spent = sum(t.seconds for t in screened)
         for count in range(len(ordered), 0, -1):
-            seconds = sum(self._total([(c, self.screen_fields) for c in ordered[:count]]))
-            later = self._later(screened + ordered[:count])
-            if seconds + sum(sum(rung) for rung in later.values()) <= self.clock.left() - budgets.WRAP_UP_SECONDS:
+            if spent + sum(self._total([(c, self.screen_fields) for c in ordered[:count]])) <= self.screen_allowance:
                 return count
         return 0
 
@@ -217,6 +217,9 @@ class Search:
         """Prints the plan: the screen's candidates in order with their estimates, the rungs after
         it, the total, and what the budget leaves out for now (the screen re-plans as its runs show
         what they cost)."""
+        # The screen's share: the rest buys the best on every image, flips and fine-tuning, each
+        # bought while its own estimate fits what is left when it starts.
+        self.screen_allowance = SCREEN_SHARE * (self.clock.left() - budgets.WRAP_UP_SECONDS)
         count = max(1, self.affordable(ordered, []))
         screened = self._total([(c, self.screen_fields) for c in ordered])
         later = self._later(ordered[:count])
@@ -230,8 +233,10 @@ class Search:
         for lever, seconds in zip(candidates.finetunes(), later["finetune"]):
             self.say(f"  finetune {seconds:7.0f} s at most  {_describe(lever)}")
         total = sum(screened[:count]) + sum(sum(rung) for rung in later.values())
-        self.say(f"  total about {total:.0f} s ({budgets.minutes(total)}) for {count} of {len(ordered)} screened; "
-                 f"all {len(ordered)} would take about {sum(screened) - sum(screened[:count]) + total:.0f} s")
+        self.say(f"  total about {total:.0f} s ({budgets.minutes(total)}) for {count} of {len(ordered)} screened, "
+                 f"were every later rung to run at its dearest; all {len(ordered)} screened would add "
+                 f"{sum(screened) - sum(screened[:count]):.0f} s; the screen's share of the budget: "
+                 f"{self.screen_allowance:.0f} s")
 
     def _later(self, screened: list[dict]) -> dict[str, list[float]]:
         """Estimated seconds of the rungs after a screen of these candidates, were the dearest of
@@ -260,7 +265,7 @@ class Search:
     def run_screen(self, ordered: list[dict], parent_id: str, tmp: Path) -> list[Tried]:
         """The screen's candidates in order while they fit (affordable, re-planned after each run)."""
         remaining, done = list(ordered), []
-        while remaining and (not done or self.affordable(remaining, [t.diff for t in done]) > 0):
+        while remaining and (not done or self.affordable(remaining, done) > 0):
             done.append(self.run("screen", remaining.pop(0), self.screen_fields, tmp, parent_id))
         for candidate in remaining:
             self._leave_out("screen", candidate, self._estimate(candidate, self.screen_fields))
