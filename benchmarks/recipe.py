@@ -1,0 +1,72 @@
+"""The recipe search end to end under /usr/bin/time -v: wall time, peak RSS and every configuration.
+
+    python benchmarks/recipe.py --data /tmp/cifar10 --budget 45m \
+        --base VGG16,Xception --weights VGG16=/abs/vgg16.weights.h5,Xception=/abs/xception.weights.h5
+
+Runs `tlkit recipe` from an empty store and an empty feature cache (a cold start, as a new user
+has it) in a scratch folder, then writes JSON (default benchmarks/results/recipe-budget.json): the
+command, the CPU (lscpu's model name), wall seconds, peak RSS, the budget, and per configuration
+its rung, fidelity (limit, test_limit, epochs), estimated and actual seconds, validation and test
+accuracy; the chosen one and what the budget left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    found = re.search(r"Model name:\s*(.+)", out)
+    return found.group(1).strip() if found else "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--budget", default="45m")
+    parser.add_argument("--base", default="VGG16")
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "recipe-budget.json"))
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="tlkit-recipe-bench-"))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{scratch}/mlflow.db", TLKIT_CACHE_DIR=str(scratch / "cache"))
+    command = [sys.executable, "-m", "tlkit.cli", "recipe", "--data", args.data, "--base", args.base,
+               "--weights", args.weights, "--budget", args.budget, "--output", str(scratch / "chosen.toml")]
+    done = subprocess.run(["/usr/bin/time", "-v", *command], env=env, cwd=scratch, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the recipe failed:\n{done.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", done.stderr).group(1)
+    seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'recipe'",
+                                output_format="list")[0]
+    load = lambda name: json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/{name}"))  # noqa: E731
+    configurations = [{key: c[key] for key in ("rung", "name", "diff", "estimate", "seconds", "ended_at",
+                                               "val_accuracy", "test_accuracy", "error")}
+                      for c in load("configurations.json")]
+    result = {"command": " ".join(["tlkit", *command[3:]]), "cpu": cpu_model(), "cores": os.cpu_count(),
+              "budget": args.budget, "wall_seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
+              "chosen": parent.data.tags.get("best_configuration"),
+              "best_val_accuracy": parent.data.metrics.get("best_val_accuracy"),
+              "best_test_accuracy": parent.data.metrics.get("best_test_accuracy"),
+              "configurations": configurations, "left_out": load("left_out.json")}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("configurations", "left_out")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
