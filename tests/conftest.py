@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Subprocesses (the CLI, servers, workers) import tlkit from this checkout, whatever checkout an
 # editable install points at (a second work tree of the same repository, say).
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-VGG16_WEIGHTS = REPO.parent / "shared" / "data" / "vgg16-imagenet-notop.weights.h5"
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
+VGG16_WEIGHTS = SHARED_DATA / "vgg16-imagenet-notop.weights.h5"
 CLASSES = ("circle", "square", "stripes")
 
 # The quickest training that still runs every step: random weights, 2 epochs, small batches. The
@@ -388,3 +389,17 @@ def no_registered_models(uri: str | None = None) -> bool:
 def no_features(cache: Path) -> bool:
     """Nothing computed: the cache folder is absent, or empty (train checks that it can write there)."""
     return not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI=true) with ../shared/data present, a real-data test that skips (its skip names a
+    file of ../shared/data) fails instead: a CI run must not go green without them."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and os.environ.get("CI", "").strip().lower() == "true" and SHARED_DATA.is_dir()):
+        return
+    reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if str(SHARED_DATA) in reason:
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and {SHARED_DATA} is present, yet this real-data test skipped: {reason}"
