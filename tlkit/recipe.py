@@ -262,14 +262,27 @@ class Search:
         return seconds
 
     # --- the rungs ---------------------------------------------------------------------------------
-    def run_screen(self, ordered: list[dict], parent_id: str, tmp: Path) -> list[Tried]:
-        """The screen's candidates in order while they fit (affordable, re-planned after each run)."""
-        remaining, done = list(ordered), []
+    def run_screen(self, ordered: list[dict], parent_id: str, tmp: Path, earlier: list[Tried] = ()) -> list[Tried]:
+        """The screen's candidates in order while they fit (affordable, re-planned after each run),
+        ranked with the `earlier` screened ones."""
+        remaining, done = list(ordered), list(earlier)
         while remaining and (not done or self.affordable(remaining, done) > 0):
             done.append(self.run("screen", remaining.pop(0), self.screen_fields, tmp, parent_id))
         for candidate in remaining:
             self._leave_out("screen", candidate, self._estimate(candidate, self.screen_fields))
         return self._keep(done, "screen")
+
+    def rest_on_screen(self, parent_id: str, tmp: Path) -> None:
+        """When nothing after the screen fits what is left, the rest of the budget screens the
+        candidates the screen's share left out: the best is then the best screened."""
+        waiting = [item["diff"] for item in self.left_out if item["rung"] == "screen"]
+        if not waiting or self.clock.left() <= budgets.WRAP_UP_SECONDS:
+            return
+        self.left_out = [item for item in self.left_out if item["rung"] != "screen"]
+        earlier = [t for t in self.tried if t.rung == "screen"]
+        self.screen_allowance = sum(t.seconds for t in earlier) + self.clock.left() - budgets.WRAP_UP_SECONDS
+        self.say(f"recipe: nothing after the screen fits {budgets.minutes(self.clock.left())}: screening more")
+        self.run_screen(waiting, parent_id, tmp, earlier)
 
     def run_full(self, screened: list[Tried], tmp: Path, parent_id: str) -> list[Tried]:
         survivors = screened[: max(1, math.ceil(len(screened) / ETA))]
@@ -286,6 +299,11 @@ class Search:
     def run_levers(self, rung: str, levers: list[dict], tmp: Path, parent_id: str) -> list[Tried]:
         """Each lever on top of the best so far; the best stays a contender (same images)."""
         incumbent = self.best
+        if incumbent.rung == "screen":  # no full run finished: a lever on every image has nothing to beat
+            for lever in levers:
+                diff = {**_lever_diff(incumbent), **lever}
+                self._leave_out(rung, diff, self._estimate(diff, {}))
+            return []
         done = [self.run(rung, {**_lever_diff(incumbent), **lever}, {}, tmp, parent_id, cache_below=DEEPEST)
                 for lever in levers]
         return self._keep([incumbent] + done, rung)  # first: a lever that only ties does not replace it
@@ -402,7 +420,8 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
                                   f"after the probe ({budgets.minutes(clock.elapsed())} in): the cheapest needs about "
                                   f"{min(i['estimate_seconds'] for i in searching.left_out):.0f} s")
             _write_chosen(searching, parent_id, output)
-            searching.run_full(screened, tmp, parent_id)
+            if not searching.run_full(screened, tmp, parent_id):
+                searching.rest_on_screen(parent_id, tmp)
             _write_chosen(searching, parent_id, output)
             searching.run_levers("flip", [{"flip": True}], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
