@@ -1,30 +1,29 @@
 """The `tlkit` command. MLproject entry points call these commands.
 
 tlkit's library modules import what they use at their heads; this one imports each command's modules
-inside the command (or option factory), so `tlkit --help` loads only click, spec.py and models.py's
+inside the command, so `tlkit --help` loads only click, spec.py, mlproject.py and models.py's
 tables: 0.14 s median wall, 0.12 s CPU over 15 runs (`time tlkit --help`, AMD EPYC Zen 4, 2 cores,
 load 2.8), where importing train.py's chain at start would load TensorFlow and MLflow (8-14 s).
 Exit codes: 2 for bad input (a parameter, a spec, a data source), 1 for a failure while running;
 one line on stderr, no traceback unless --debug.
 
-One module for every command: a command is its options and a few lines that
-call into the module that does the work; the options shared by several are made once here.
+One module for every command: a command is its options and a few lines that call into the module
+that does the work; the option groups are made in tlkit/cli_options.py, the exit codes in tlkit/cli_errors.py.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import click
 
 from tlkit import __version__
-from tlkit.messages import first_line
-from tlkit.spec import FIELDS
+from tlkit.cli_errors import friendly_errors, terminate_as_interrupt
+from tlkit.cli_options import (cache_dir_option, common_options, experiment_option, gate_options, model_name_option,
+                               pretrain_options, ray_options, search_options, spec_options)
 
 log = logging.getLogger("tlkit")
 
@@ -37,88 +36,6 @@ def _quiet_tensorflow() -> None:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
-def _terminate_as_interrupt(signum, frame):
-    # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: marked KILLED, nothing registered.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def field_options(names, defaults: dict | None = None, shown_as: str = "the variant's; baseline"):
-    """A decorator adding one option per spec field in `names`: --kebab-name (--name/--no-name for a
-    bool), typed like the field's default, unset (None) unless given. Help shows `defaults`' value
-    (default: the field's) as "[default: <shown_as>: value]"."""
-    from tlkit.spec import flag
-
-    def decorate(command):
-        for name in reversed(list(names)):
-            default, help_text = FIELDS[name]
-            value = (defaults or {}).get(name, default)
-            shown = repr(value) if isinstance(value, str) else value
-            note = f"  [default: {shown_as}: {shown}]" if shown_as else f"  [default: {shown}]"
-            if isinstance(default, bool):
-                option = click.option(f"{flag(name)}/{flag(name).replace('--', '--no-', 1)}", name, default=None,
-                                      help=help_text + note)
-            else:
-                option = click.option(flag(name), name, type=type(default), default=None, help=help_text + note)
-            command = option(command)
-        return command
-
-    return decorate
-
-
-# One option per spec field: what `train`, `tune` and `recipe` take.
-spec_options = field_options(FIELDS)
-
-
-def _known_errors() -> tuple[tuple, tuple]:
-    """The one table of known failures: (bad input: exit 2, failures while running: exit 1)."""
-    from tlkit.budget import BudgetError
-    from tlkit.cluster import ClusterError
-    from tlkit.data import DataError
-    from tlkit.features import FeatureCacheError
-    from tlkit.models import ModelError
-    from tlkit.recipe import RecipeError
-    from tlkit.registry import RegistryError
-    from tlkit.spec import SpecError
-    from tlkit.tracking import TrackingError
-    from tlkit.tune import TuneError
-
-    usage = (SpecError, DataError, ModelError, RegistryError, BudgetError)
-    # OSError: a file that cannot be written (pretrain's weights, a full disk), said in one line.
-    running = (TrackingError, FeatureCacheError, TuneError, RecipeError, ClusterError, OSError)
-    return usage, running
-
-
-def friendly_errors(command):
-    """Known failures become one line and an exit code; --debug shows the traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        usage_errors, runtime_errors = _known_errors()
-        debug = click.get_current_context().find_root().params.get("debug")
-        try:
-            return command(*args, **kwargs)
-        except usage_errors as err:
-            if debug:
-                raise
-            raise click.UsageError(str(err)) from None
-        except runtime_errors as err:
-            if debug:
-                raise
-            raise click.ClickException(first_line(err)) from None
-        except Exception as err:
-            # Any other MLflow failure while running (the registry, the store): one line, exit 1.
-            from mlflow.exceptions import MlflowException
-
-            if debug or not isinstance(err, MlflowException):
-                raise
-            raise click.ClickException(f"MLflow: {first_line(err, 300)}") from None
-        except KeyboardInterrupt:
-            click.echo("tlkit: interrupted; the run is marked KILLED", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="tlkit")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
@@ -126,16 +43,7 @@ def main(debug: bool) -> None:
     """Run, track and compare transfer-learning experiments with Keras and MLflow."""
     _quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="tlkit: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-
-
-# Options that several commands share, defined once.
-_experiment_option = click.option("--experiment", default=None,
-                                  help="MLflow experiment name  [default: $MLFLOW_EXPERIMENT_NAME or MLflow's]")
-_cache_dir_option = click.option("--cache-dir", default=None, envvar="TLKIT_CACHE_DIR",
-                                 help="frozen-feature cache folder  [default: $TLKIT_CACHE_DIR or ~/.cache/tlkit/features]")
-_model_name_option = click.option("--model-name", default=None,
-                                  help="registered model name  [default: <dataset>-<base>, e.g. cifar10-vgg16]")
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
 
 
 @main.command("variants")
@@ -151,8 +59,8 @@ def variants_command() -> None:
 @main.command("train")
 @click.argument("variant")
 @spec_options
-@_experiment_option
-@_cache_dir_option
+@experiment_option
+@cache_dir_option
 @friendly_errors
 def train_command(variant: str, experiment: str | None, cache_dir: str | None, **overrides) -> None:
     """Train VARIANT (a name from `tlkit variants`, or a .toml spec file) and log it to MLflow.
@@ -178,20 +86,8 @@ def train_command(variant: str, experiment: str | None, cache_dir: str | None, *
 @main.command("features")
 @click.argument("variant")
 @spec_options
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
-              help="where the pass runs: this process, or Ray Data's actors (pip install 'tlkit[cluster]')")
-@click.option("--address", default=None,
-              help="Ray: 'local' starts Ray here with --workers CPUs; 'auto' joins the cluster of this node; "
-                   "ray://HEAD:10001 a remote one  [default: local]")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray actors, each loading the base once  [default: 2]")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-              help="GPUs Ray gives each actor (a fraction shares one)  [default: 0]")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="CPUs Ray gives each actor (decoding and, without a GPU, the base)  [default: 1]")
-@click.option("--retries", type=click.IntRange(min=0), default=None,
-              help="times Ray restarts a worker that dies and retries its batch before the pass fails  [default: 3]")
-@_cache_dir_option
+@ray_options
+@cache_dir_option
 @friendly_errors
 def features_command(variant: str, engine: str, address: str | None, workers: int | None,
                      gpus_per_worker: float | None, cpus_per_worker: float | None, retries: int | None,
@@ -230,18 +126,11 @@ def features_command(variant: str, engine: str, address: str | None, workers: in
 
 # --- pretrain: the seed's step 1 (tlkit/pretrain.py) ---------------------------------------------
 
-def pretrain_options(command):
-    """One option per spec field that pre-training uses, its default shown as pretrain's own."""
-    from tlkit.spec import NOT_PRETRAIN_OPTIONS, PRETRAIN
-
-    return field_options([n for n in FIELDS if n not in NOT_PRETRAIN_OPTIONS], PRETRAIN, shown_as="")(command)
-
-
 @main.command("pretrain")
 @pretrain_options
 @click.option("--output", default=None,
               help="weights file to write, ending in .weights.h5  [default: ./pretrained/<base>-<sha256[:12]>.weights.h5]")
-@_experiment_option
+@experiment_option
 @friendly_errors
 def pretrain_command(output: str | None, experiment: str | None, **overrides) -> None:
     """Pre-train a base on a source data set; write its weights for `--weights <file>`.
@@ -268,19 +157,9 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 @main.command("tune")
 @click.argument("variant", default="tune")
 @spec_options
-@click.option("--max-trials", type=click.IntRange(min=1), default=None,
-              help="trials to run (hyperband: a cap on its brackets)  [default: the variant's; tune: 6, the seed's]")
-@click.option("--executions-per-trial", type=click.IntRange(min=1), default=None,
-              help="fits per trial from fresh weights; the trial's score is their mean  [default: the variant's; tune: 1]")
-@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default=None,
-              help="keras-tuner's search algorithm  [default: the variant's; tune: random]")
-@click.option("--workers", type=click.IntRange(min=0), default=0,
-              help="worker processes on this machine; this one serves the oracle over gRPC. 0 = one process")
-@click.option("--search-dir", default=None,
-              help="keras-tuner's state: run again with the same folder to resume  "
-                   "[default: <cache-dir>/searches/<tuner>-<search key>-<where>]")
-@_experiment_option
-@_cache_dir_option
+@search_options
+@experiment_option
+@cache_dir_option
 @friendly_errors
 def tune_command(variant: str, max_trials: int | None, executions_per_trial: int | None, tuner: str | None,
                  workers: int, search_dir: str | None, experiment: str | None, cache_dir: str | None,
@@ -329,8 +208,8 @@ def _search(variant: str, overrides: dict, settings: dict, *, workers: int = 0, 
                    "[default: 30m]; what it leaves out is listed with its estimated cost")
 @click.option("--output", default=None,
               help="write the chosen configuration here as a variant file  [default: ./recipe-<run id>.toml]")
-@_experiment_option
-@_cache_dir_option
+@experiment_option
+@cache_dir_option
 @friendly_errors
 def recipe_command(budget: str | None, output: str | None, experiment: str | None, cache_dir: str | None,
                    **overrides) -> None:
@@ -362,13 +241,6 @@ def recipe_command(budget: str | None, output: str | None, experiment: str | Non
 
 # --- suite, compare, promote, predict, download: the main job (tlkit/suite.py, tlkit/registry.py) ---
 
-def common_options(command):
-    """One option per parameter that every suite child shares (mlproject.COMMON), unset unless given."""
-    from tlkit.mlproject import COMMON
-
-    return field_options(COMMON, shown_as="each variant's; baseline")(command)
-
-
 def _echo_promotion(promotion) -> None:
     click.echo(promotion.message)
     per_class = (promotion.report or {}).get("per_class")
@@ -378,32 +250,16 @@ def _echo_promotion(promotion) -> None:
     click.echo(f"models:/{promotion.name}@champion -> version {promotion.champion or '-'}")
 
 
-# The promotion gate, shared by `suite` and `promote` (registry.promote).
-_gate_options = [
-    click.option("--min-gain", type=float, default=0.0,
-                 help="points of test accuracy the best run must gain over @champion to replace it"),
-    click.option("--significance", type=float, default=0.05,
-                 help="McNemar's exact p (paired per-image test predictions) must be below this to replace "
-                      "@champion; 1 = any gain"),
-]
-
-
-def gate_options(command):
-    for option in reversed(_gate_options):
-        command = option(command)
-    return command
-
-
 @main.command("suite")
 @click.option("--variants", default="all",
               help="comma-separated variants to run, in order; 'all' = finetune,baseline,conv_head,l2,sgd,"
                    "dropout,tune,augment")
 @common_options
-@_experiment_option
-@_cache_dir_option
+@experiment_option
+@cache_dir_option
 @click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
               "move @champion to it if it beats the champion")
-@_model_name_option
+@model_name_option
 @gate_options
 @friendly_errors
 def suite_command(variants: str, experiment: str | None, cache_dir: str | None, promote: bool,
@@ -436,7 +292,7 @@ def suite_command(variants: str, experiment: str | None, cache_dir: str | None, 
 
 
 @main.command("compare")
-@_experiment_option
+@experiment_option
 @click.option("--suite", "suite_run", default=None, help="only the children of this suite run (its run id)")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               help="output format")
@@ -456,12 +312,12 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 
 
 @main.command("promote")
-@_experiment_option
+@experiment_option
 @click.option("--suite", "suite_run", default=None, help="only the children of this suite run (its run id)")
 @click.option("--dataset-digest", default=None,
               help="compare only runs tested on this dataset digest (a prefix will do)  "
                    "[default: the one digest there is; several are an error]")
-@_model_name_option
+@model_name_option
 @click.option("--force", is_flag=True,
               help="move @champion even if the best run does not beat it or was tested on another dataset")
 @gate_options

@@ -1,6 +1,6 @@
 """How tlkit says what went wrong: one line.
 
-Every known failure reaches the user as one line (cli.py's table of known errors and exit codes), and
+Every known failure reaches the user as one line (cli_errors.py's table of known errors and exit codes), and
 failures from below (Keras, MLflow, Ray, PIL) often carry many: the first says what happened, the
 rest is a traceback or a hint. `first_line` is the one way tlkit takes it.
 """

@@ -89,13 +89,9 @@ def _pretrain(spec: dict, output, experiment: str | None, nested: bool) -> tuple
         dataset = load_dataset(spec)
         network = models.build(spec, len(dataset.class_names), base_model)
         tracking.autolog()
-        tags = {"tool": "pretrain", "base": spec["base"], "dataset": dataset.name, "dataset_digest": dataset.digest,
-                "classes": ",".join(dataset.class_names), **distribute.tags()}
+        tags = tracking.run_tags(spec, dataset, tool="pretrain", classes=",".join(dataset.class_names))
         with tracking.run(f"pretrain-{spec['base']}", nested=nested, tags=tags) as active:
-            mlflow.set_tags(tags)
-            tracking.log_params_once(spec)
-            mlflow.log_dict(spec, "spec.json")
-            tracking.log_dataset(dataset)
+            tracking.log_run_preamble(spec, dataset, tags)
 
             images = {"train": dataset.x_train, "val": dataset.x_val}
             history = fit(network.full, images, dataset, spec, epochs=spec["epochs"],

@@ -168,74 +168,21 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
     per-image predictions is weighed by the plain rule, and the message says so. No champion yet:
     the best run becomes it."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     if model_name:  # '' means the default (MLproject passes it so)
         check_model_name(model_name)  # before anything is searched or registered
     check_gate(min_gain, significance)
     client = mlflow.MlflowClient()
-    where = f"suite run {suite}" if suite else f"experiment {experiment_name(experiment)}"
-    runs = candidates(experiment, suite)
-    if not runs:
-        raise RegistryError(f"nothing to promote in {where}: no FINISHED run with a logged model and test_accuracy "
-                            f"({_what_is_there(experiment, suite)})")
-    digest = _pick_digest(runs, dataset_digest, where)
-    # Highest test accuracy; on a tie the earlier run, so that promoting again picks the same one.
-    best = max((r for r in runs if r.data.tags["dataset_digest"] == digest),
-               key=lambda r: (r.data.metrics["test_accuracy"], -r.info.start_time))
-    tags = best.data.tags
-    accuracy = float(best.data.metrics["test_accuracy"])
+    best, digest = _best_candidate(experiment, suite, dataset_digest)
+    tags, accuracy = best.data.tags, float(best.data.metrics["test_accuracy"])
     name = model_name or default_model_name(tags.get("dataset", "data"), tags.get("base", "model"))
-
-    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == best.info.run_id]
-    if existing:
-        version, registered = min(existing, key=lambda v: int(v.version)), False
-    else:
-        model = logged_models([best.info.experiment_id])[best.info.run_id]
-        version_tags = {"variant": tags.get("variant", ""), "test_accuracy": repr(accuracy),
-                        "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id}
-        version = mlflow.register_model(model.model_uri, name, tags=version_tags)
-        registered = True
-        log.info("registered %s version %s from run %s (%s)", name, version.version, best.info.run_id,
-                 tags.get("variant"))
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as err:
-        if err.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no such alias
-            raise
-        champion = None
-    said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
-    report = None
-
+    version, registered = _register(client, name, best, digest)
+    champion = _current_champion(client, name)
     # The best run's per-image predictions: downloaded once, and only if the description or the
     # decision needs them.
     candidate_predictions = functools.cache(lambda: tracking.load_predictions(best.info.run_id))
-
-    if champion is not None and str(champion.version) == str(version.version):
-        move, message = False, f"{said} is already @{CHAMPION}"
-    elif champion is None:
-        move, message = True, f"{said} is now @{CHAMPION} (there was none)"
-    else:
-        held = _champion_accuracy(client, champion)
-        other = champion.tags.get("dataset_digest", "")
-        was = f"v{champion.version} ({champion.tags.get('variant', '?')}, test_accuracy " + \
-              (f"{held:.4f})" if held is not None else "unknown)")
-        if other != digest or held is None:
-            why = (f"was tested on another dataset (digest {other[:12] or 'unknown'})" if other != digest
-                   else "has no test_accuracy")
-            move = force
-            message = (f"{said} replaces @{CHAMPION} {was}, which {why} (forced)" if force else
-                       f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
-                       "compared (--force replaces it)")
-        else:
-            report = promotion_report(candidate_predictions(), champion, best.info.run_id, accuracy, held,
-                                      min_gain, significance)
-            move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
-            message = (f"{said} is now @{CHAMPION}, replacing {was}: {verdict}" if move else
-                       f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
-            report.update(promoted=move, candidate_version=str(version.version), message=message)
-            _record(client, name, version, best, report, candidate_predictions())
+    move, message, report = _decide(client, name, version, champion, best, digest, candidate_predictions,
+                                    force=force, min_gain=min_gain, significance=significance)
     if registered and report is None:  # what it beat, in its description: nothing it was weighed against
         client.update_model_version(name, version.version, description=_description(
             best, accuracy, digest, candidate_predictions()) + (
@@ -247,6 +194,82 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
                      registered=registered, promoted=move,
                      champion=str(version.version) if move else (str(champion.version) if champion else ""),
                      message=message, report=report)
+
+
+def _best_candidate(experiment: str | None, suite: str | None, dataset_digest: str | None):
+    """The candidate run with the highest test accuracy on the chosen dataset digest, and that digest."""
+    where = f"suite run {suite}" if suite else f"experiment {experiment_name(experiment)}"
+    runs = candidates(experiment, suite)
+    if not runs:
+        raise RegistryError(f"nothing to promote in {where}: no FINISHED run with a logged model and test_accuracy "
+                            f"({_what_is_there(experiment, suite)})")
+    digest = _pick_digest(runs, dataset_digest, where)
+    # Highest test accuracy; on a tie the earlier run, so that promoting again picks the same one.
+    best = max((r for r in runs if r.data.tags["dataset_digest"] == digest),
+               key=lambda r: (r.data.metrics["test_accuracy"], -r.info.start_time))
+    return best, digest
+
+
+def _register(client, name: str, best, digest: str):
+    """The best run's model version under `name`, and whether it is new: a run registered before keeps
+    its first version, so that promoting twice registers nothing new."""
+    import mlflow
+
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == best.info.run_id]
+    if existing:
+        return min(existing, key=lambda v: int(v.version)), False
+    tags, accuracy = best.data.tags, float(best.data.metrics["test_accuracy"])
+    model = logged_models([best.info.experiment_id])[best.info.run_id]
+    version_tags = {"variant": tags.get("variant", ""), "test_accuracy": repr(accuracy),
+                    "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id}
+    version = mlflow.register_model(model.model_uri, name, tags=version_tags)
+    log.info("registered %s version %s from run %s (%s)", name, version.version, best.info.run_id,
+             tags.get("variant"))
+    return version, True
+
+
+def _current_champion(client, name: str):
+    """The version `name`@champion points to, or None when there is no such alias yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no such alias
+            raise
+        return None
+
+
+def _decide(client, name: str, version, champion, best, digest: str, candidate_predictions, *, force: bool,
+            min_gain: float, significance: float):
+    """Whether `version` replaces `champion` (move), the sentence that says so, and the gate's report
+    (None when the two were not weighed against each other); a weighed decision is recorded on the
+    version and the candidate's run."""
+    tags, accuracy = best.data.tags, float(best.data.metrics["test_accuracy"])
+    said = f"{name} v{version.version} ({tags.get('variant')}, test_accuracy {accuracy:.4f})"
+    if champion is not None and str(champion.version) == str(version.version):
+        return False, f"{said} is already @{CHAMPION}", None
+    if champion is None:
+        return True, f"{said} is now @{CHAMPION} (there was none)", None
+    held = _champion_accuracy(client, champion)
+    other = champion.tags.get("dataset_digest", "")
+    was = f"v{champion.version} ({champion.tags.get('variant', '?')}, test_accuracy " + \
+          (f"{held:.4f})" if held is not None else "unknown)")
+    if other != digest or held is None:
+        why = (f"was tested on another dataset (digest {other[:12] or 'unknown'})" if other != digest
+               else "has no test_accuracy")
+        message = (f"{said} replaces @{CHAMPION} {was}, which {why} (forced)" if force else
+                   f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
+                   "compared (--force replaces it)")
+        return force, message, None
+    report = promotion_report(candidate_predictions(), champion, best.info.run_id, accuracy, held,
+                              min_gain, significance)
+    move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
+    message = (f"{said} is now @{CHAMPION}, replacing {was}: {verdict}" if move else
+               f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
+    report.update(promoted=move, candidate_version=str(version.version), message=message)
+    _record(client, name, version, best, report, candidate_predictions())
+    return move, message, report
 
 
 def _description(run, accuracy: float, digest: str, predictions) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit import models, stats
+from tlkit import distribute, models, stats
 from tlkit.messages import first_line
 from tlkit.serving import COLUMN
 
@@ -347,6 +347,30 @@ def ui_link(experiment_id: str, tracking_uri: str | None = None) -> str:
 
 def _announce_ui(run) -> None:
     logging.getLogger(__name__).info("runs in MLflow's UI: %s", ui_link(run.info.experiment_id))
+
+
+def run_tags(spec: dict, dataset, **extra: str) -> dict:
+    """A training run's tags: `extra`, then its base, data set and digest, and the strategy it ran
+    under (with the count of unreadable images skipped, when there were any)."""
+    tags = {**extra, "base": spec["base"], "dataset": dataset.name, "dataset_digest": dataset.digest,
+            **distribute.tags()}
+    if dataset.skipped_files:  # unreadable images, skipped with a warning: the run says how many
+        tags["skipped_files"] = str(len(dataset.skipped_files))
+    return tags
+
+
+def log_run_preamble(spec: dict, dataset, tags: dict, spec_file: str | os.PathLike | None = None) -> None:
+    """What a training run (train, pretrain) logs first: its tags, the spec as params and as
+    spec.json, the variant file under spec/ when there is one, and the data set's three splits as
+    MLflow inputs."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+    log_params_once(spec)
+    mlflow.log_dict(spec, "spec.json")
+    if spec_file is not None:
+        mlflow.log_artifact(str(spec_file), "spec")
+    log_dataset(dataset)
 
 
 def log_dataset(dataset) -> None:

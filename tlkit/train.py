@@ -316,16 +316,9 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     network = models.build(spec, len(dataset.class_names), base_model)
     tracking.autolog()
 
-    tags = {"variant": Path(variant).stem, "base": spec["base"], "dataset": dataset.name,
-            "dataset_digest": dataset.digest, **distribute.tags()}
-    if dataset.skipped_files:  # unreadable images, skipped with a warning: the run says how many
-        tags["skipped_files"] = str(len(dataset.skipped_files))
+    tags = tracking.run_tags(spec, dataset, variant=Path(variant).stem)
     with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:
-        mlflow.set_tags(tags)
-        tracking.log_params_once(spec)
-        mlflow.log_dict(spec, "spec.json")
-        mlflow.log_artifact(str(specs.variant_path(variant)), "spec")
-        tracking.log_dataset(dataset)
+        tracking.log_run_preamble(spec, dataset, tags, spec_file=specs.variant_path(variant))
 
         head_inputs = None
         if spec["augment"] or spec["trainable_base"]:
