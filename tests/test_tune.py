@@ -158,7 +158,10 @@ def test_workers_share_one_oracle_and_one_parent(image_folder, tracking_server, 
     # The chief computed the features before the workers started; every worker read them from the cache.
     assert parent.data.tags["feature_cache"] == "miss"
     assert {r.data.tags["feature_cache"] for r in trial_runs} == {"hit"}
-    # Each worker exited normally, and the trials they ran add up.
+    # Each worker exited normally, and the trials they ran add up to the search's 4, not 4 a worker:
+    # one oracle. How the 4 fall between the workers is the oracle's business (a worker that starts
+    # late may find none left); that both ask the same oracle is shown again below, where both are
+    # told it has nothing left.
     assert sum(int(line.split(": ")[1].split()[0]) for line in worker_summaries(search)) == 4
     check_parent(parent, trial_runs, data.load(str(image_folder), seed=1995))
 
