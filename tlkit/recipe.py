@@ -37,6 +37,7 @@ from pathlib import Path
 from tlkit import budget as budgets
 from tlkit import candidates, models, tracking, train
 from tlkit import spec as specs
+from tlkit.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +200,7 @@ class Search:
     def order(self, screen: list[dict]) -> list[dict]:
         """The order the screen runs in: every input once with the seed's head, cheapest first, then
         the other head levers the same way, so a short budget still sees every size and base."""
-        tier = {json.dumps(head, sort_keys=True): number for number, head in enumerate(candidates.HEADS)}
-        head_of = lambda c: json.dumps({k: c[k] for k in c if k in {k for h in candidates.HEADS for k in h}},  # noqa: E731
-                                       sort_keys=True)
-        return sorted(screen, key=lambda c: (tier.get(head_of(c), len(tier)), self._estimate(c, self.screen_fields)))
+        return sorted(screen, key=lambda c: (_head_tier(c), self._estimate(c, self.screen_fields)))
 
     def affordable(self, ordered: list[dict], screened: list[Tried]) -> int:
         """How many of `ordered` the screen can still run within its share of the budget
@@ -341,7 +339,7 @@ class Search:
             client.set_tag(result.run_id, "recipe_rung", rung)
             client.set_tag(result.run_id, "recipe_estimate_seconds", f"{attempt.estimate:.0f}")
         except Exception as err:  # noqa: BLE001 - one failed configuration must not end the search
-            attempt.error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+            attempt.error = f"{type(err).__name__}: {first_line(err, 300)}"
             log.error("recipe: %s failed: %s", attempt.name, attempt.error)
             while mlflow.active_run() and mlflow.active_run().info.run_id != parent_id:
                 mlflow.end_run("FAILED")
@@ -380,6 +378,12 @@ class Search:
         self.left_out.append({"rung": rung, "diff": diff, "estimate_seconds": round(seconds, 1)})
         self.say(f"recipe: leaves out {rung} {_describe(diff)} (about {seconds:.0f} s; "
                  f"{budgets.minutes(self.clock.left())} left)")
+
+
+def _head_tier(candidate: dict) -> int:
+    """Which head lever of candidates.HEADS a candidate carries: the most specific that matches."""
+    return max(number for number, head in enumerate(candidates.HEADS)
+               if all(candidate.get(k) == v for k, v in head.items()))
 
 
 def _lever_diff(tried: Tried) -> dict:
