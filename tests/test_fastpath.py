@@ -395,3 +395,38 @@ def test_the_config_autologging_records_is_keras_own(monkeypatch):
         assert ours_config.pop("name").startswith(name) and keras_config.pop("name").startswith(name)
         assert ours_config == keras_config
         assert type(keras.optimizers.deserialize(keras.optimizers.serialize(ours))) is type(ours)
+
+
+# --------------------------------------------------------------------------- features from disk
+
+@pytest.mark.e2e  # trains: seconds each
+@pytest.mark.parametrize("flip", [False, True])
+def test_features_read_from_their_files_train_as_the_arrays_do(flip, tmp_path):
+    """The memory path: a head on cached features read from their files a batch at a time
+    (sources.FeatureFile, what the cache hands out) ends with the history of the same head on the
+    same features held as arrays, at the same seed: the same batches, coins and steps."""
+    import keras
+
+    from tlkit import features, sources
+
+    spec = specs.load("baseline", {"weights": "none", "flip": flip})
+    inputs, labels = features_and_labels((2, 2, 8), count=150, val=30)
+    mirrored = np.random.default_rng(9).normal(size=inputs["train"].shape).astype("float32")
+    arrays = {"pool": np.concatenate([inputs["train"], inputs["val"]]), "test": mirrored}
+    cache = features.FeatureCache(tmp_path)
+    cache.write("k" * 24, {"for": "test"}, arrays)
+    entry = cache.read("k" * 24).split(np.arange(150), np.arange(150, 180))
+    on_disk = {"train": entry.train, "val": entry.val}
+    assert all(x.in_memory() is None for x in on_disk.values())
+    histories = []
+    for these in ({**inputs, "train_mirrored": mirrored if flip else None},
+                  {**on_disk, "train_mirrored": entry.test if flip else None}):
+        keras.utils.set_random_seed(3)
+        model = head_of(spec, (2, 2, 8))
+        keras.utils.set_random_seed(3)
+        histories.append(train.fit(model, these, labels, spec, epochs=3, learning_rate=1e-2, on_features=True))
+    assert histories[0].keys() == histories[1].keys()
+    for name in histories[0]:
+        np.testing.assert_allclose(histories[1][name], histories[0][name], rtol=1e-6, err_msg=name)
+    # And scoring reads the files the same way.
+    np.testing.assert_allclose(fastpath.predict(model, entry.val), fastpath.predict(model, inputs["val"]), rtol=1e-6)

@@ -241,13 +241,13 @@ def test_a_corrupted_entry_and_a_crashed_writers_leftovers(tracking, image_folde
     assert invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS).exit_code == 0
     [first] = all_runs()
     key = first.data.tags["feature_cache_key"]
-    array = tmp_path / "cache" / key / "train.npy"
+    array = tmp_path / "cache" / key / "pool.npy"
     raw = bytearray(array.read_bytes())
     raw[-5] ^= 0xFF
     array.write_bytes(bytes(raw))
     crashed = tmp_path / "cache" / f".{key}.tmp-crashed"
     crashed.mkdir()
-    (crashed / "train.npy").write_bytes(raw[: len(raw) // 2])
+    (crashed / "pool.npy").write_bytes(raw[: len(raw) // 2])
 
     result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS)
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlkit import features, spec as specs
+from tlkit import features, sources, spec as specs
 
 
 def tiny_extractor():
@@ -28,7 +28,7 @@ def tiny_extractor():
 def images(seed=0):
     rng = np.random.default_rng(seed)
     return {split: rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)
-            for split, n in (("train", 20), ("val", 5), ("test", 7))}
+            for split, n in (("pool", 25), ("test", 7))}
 
 
 FIELDS = features.key_fields(specs.merge({"weights": "none"}), "d" * 64, "block5_pool")
@@ -41,7 +41,6 @@ def test_the_key_changes_with_everything_that_produced_the_features(tmp_path):
         (dict(base="ResNet50"), "d" * 64, "block5_pool"),
         (dict(image_size=48), "d" * 64, "block5_pool"),
         (dict(preprocess="base"), "d" * 64, "block5_pool"),
-        (dict(seed=1), "d" * 64, "block5_pool"),
         (dict(limit=100), "d" * 64, "block5_pool"),
         (dict(test_limit=100), "d" * 64, "block5_pool"),
         ({}, "e" * 64, "block5_pool"),
@@ -50,6 +49,9 @@ def test_the_key_changes_with_everything_that_produced_the_features(tmp_path):
     keys = {features.key_of(features.key_fields(specs.merge(c, spec), digest, boundary))
             for c, digest, boundary in variations}
     assert base_key not in keys and len(keys) == len(variations)
+    # The validation split is not in the key: the seed changes the features only through the sample
+    # it draws (limit, test_limit), which the data set's digest covers.
+    assert features.key_of(features.key_fields(specs.merge({"seed": 1}, spec), "d" * 64, "block5_pool")) == base_key
     # Two weights files differ by content, not by name.
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     a.write_bytes(b"one")
@@ -106,7 +108,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_write_then_read_round_trips_with_checksums(tmp_path):
     cache = features.FeatureCache(tmp_path)
     arrays = {split: np.random.default_rng(i).normal(size=(n, 2, 2, 3)).astype("float16")
-              for i, (split, n) in enumerate((("train", 6), ("val", 2), ("test", 3)))}
+              for i, (split, n) in enumerate((("pool", 8), ("test", 3)))}
     key = features.key_of(FIELDS)
     assert not cache.has(key) and cache.read(key) is None
     cache.write(key, FIELDS, arrays)
@@ -115,32 +117,38 @@ def test_write_then_read_round_trips_with_checksums(tmp_path):
     assert meta["fields"] == FIELDS
     assert meta["sha256"] == {split: features.file_sha256(tmp_path / key / f"{split}.npy") for split in arrays}
     entry = cache.read(key)
-    assert entry.hit and entry.key == key and entry.splits == ("train", "val", "test")
+    assert entry.hit and entry.key == key and entry.splits == ("pool", "test")
     for split, array in arrays.items():
         got = getattr(entry, split)
-        assert isinstance(got, np.memmap) and got.dtype == np.float16
-        np.testing.assert_array_equal(got, array)
+        # Read from the file by offsets, not mapped: nothing of it stays in the process's memory.
+        assert isinstance(got, sources.FeatureFile) and got.in_memory() is None and got.dtype == np.float16
+        np.testing.assert_array_equal(np.asarray(got), array)
+        rows = np.array([2, 0, 1])
+        np.testing.assert_array_equal(got.read(rows), array[rows])
+    entry.split(np.array([3, 1, 0, 5]), np.array([7, 2]))
+    np.testing.assert_array_equal(np.asarray(entry.train), arrays["pool"][[3, 1, 0, 5]])
+    np.testing.assert_array_equal(entry.val.read(np.array([1, 0])), arrays["pool"][[2, 7]])
     assert sorted(p.name for p in tmp_path.iterdir()) == [key]
 
 
-def test_an_entry_of_the_training_images_alone(tmp_path):
-    """The mirrored images' entry: train only, val and test None."""
+def test_an_entry_of_one_split(tmp_path):
+    """A mirrored images' entry: the pool alone (flips), or the test images alone (test-time flips)."""
     cache = features.FeatureCache(tmp_path)
-    fields = {**FIELDS, "transform": "hflip"}
-    cache.write(features.key_of(fields), fields, {"train": np.ones((4, 1, 1, 2), "float32")})
+    fields = {**FIELDS, "transform": "hflip", "splits": ["pool"]}
+    cache.write(features.key_of(fields), fields, {"pool": np.ones((4, 1, 1, 2), "float32")})
     entry = cache.read(features.key_of(fields))
-    assert entry.splits == ("train",) and entry.val is None and entry.test is None
-    assert np.asarray(entry.train).sum() == 8
+    assert entry.splits == ("pool",) and entry.test is None
+    assert np.asarray(entry.pool).sum() == 8
 
 
 @pytest.mark.parametrize("damage, reason", [
-    (lambda entry: (entry / "val.npy").unlink(), "No such file"),
+    (lambda entry: (entry / "pool.npy").unlink(), "No such file"),
     (lambda entry: (entry / "meta.json").write_text("{not json"), "Expecting property name"),
     (lambda entry: (entry / "meta.json").write_text('{"fields": {}}'), "'sha256'"),
     (lambda entry: (entry / "meta.json").write_text('{"fields": {}, "sha256": {"val": "00"}}'),
-     "it holds no training features"),
+     "it holds no features"),
     (lambda entry: (entry / "test.npy").write_bytes(b""), "test.npy does not match its checksum"),
-], ids=["a missing array", "meta not JSON", "meta without checksums", "no train", "an emptied array"])
+], ids=["a missing array", "meta not JSON", "meta without checksums", "no split", "an emptied array"])
 def test_a_damaged_entry_reads_as_absent_and_is_removed(damage, reason, tmp_path, caplog):
     cache = features.FeatureCache(tmp_path)
     key = features.key_of(FIELDS)
@@ -155,9 +163,9 @@ def test_a_second_writer_of_the_same_entry_keeps_the_first_ones(tmp_path):
     """Two processes computed one entry: the rename of the second finds it in place; no error, no leftovers."""
     cache = features.FeatureCache(tmp_path)
     key = features.key_of(FIELDS)
-    cache.write(key, FIELDS, {"train": np.ones((2, 1), "float32")})
-    cache.write(key, FIELDS, {"train": np.zeros((2, 1), "float32")})
-    np.testing.assert_array_equal(cache.read(key).train, np.ones((2, 1)))
+    cache.write(key, FIELDS, {"pool": np.ones((2, 1), "float32")})
+    cache.write(key, FIELDS, {"pool": np.zeros((2, 1), "float32")})
+    np.testing.assert_array_equal(np.asarray(cache.read(key).pool), np.ones((2, 1)))
     assert [p.name for p in tmp_path.iterdir()] == [key]
 
 
@@ -170,31 +178,31 @@ def test_check_writable_names_the_folder(tmp_path):
     assert str(error.value) == f"cannot write the feature cache in {tmp_path}/file/cache: Not a directory"
 
 
-def test_miss_then_hit_memory_mapped_and_identical(tmp_path):
+def test_miss_then_hit_read_from_disk_and_identical(tmp_path):
     cache = features.FeatureCache(tmp_path)
     extractor, data = tiny_extractor(), images()
     first = cache.get(FIELDS, extractor, data)
     second = cache.get(FIELDS, extractor, data)
     assert (first.hit, second.hit) == (False, True)
-    assert isinstance(second.train, np.memmap)
+    assert isinstance(second.pool, sources.FeatureFile)
     expected = extractor.predict(data["test"], verbose=0)
-    np.testing.assert_allclose(second.test, expected, rtol=1e-5, atol=1e-6)
-    assert second.train.shape == (20, 8, 8, 4) and second.val.shape == (5, 8, 8, 4)
+    np.testing.assert_allclose(np.asarray(second.test), expected, rtol=1e-5, atol=1e-6)
+    assert second.pool.shape == (25, 8, 8, 4) and second.test.shape == (7, 8, 8, 4)
     assert [p.name for p in tmp_path.iterdir()] == [first.key]  # no temporary folders left
 
 
 def test_a_corrupted_entry_is_detected_and_recomputed(tmp_path, caplog):
     cache = features.FeatureCache(tmp_path)
     extractor, data = tiny_extractor(), images()
-    good = np.array(cache.get(FIELDS, extractor, data).train)
-    path = tmp_path / features.key_of(FIELDS) / "train.npy"
+    good = np.array(cache.get(FIELDS, extractor, data).pool)
+    path = tmp_path / features.key_of(FIELDS) / "pool.npy"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # one flipped byte in the data
     path.write_bytes(bytes(raw))
     again = cache.get(FIELDS, extractor, data)
     assert again.hit is False
     assert "corrupted" in caplog.text
-    np.testing.assert_array_equal(np.array(again.train), good)
+    np.testing.assert_array_equal(np.array(again.pool), good)
 
 
 def test_a_crash_while_writing_leaves_no_entry(tmp_path, monkeypatch):
@@ -228,7 +236,7 @@ def test_an_unusable_cache_folder_is_a_clear_error(tmp_path):
 def _compute_in_process(root: str, queue) -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     result = features.FeatureCache(root).get(FIELDS, tiny_extractor(), images())
-    queue.put((result.key, float(np.asarray(result.train).sum())))
+    queue.put((result.key, float(np.asarray(result.pool).sum())))
 
 
 @pytest.mark.e2e

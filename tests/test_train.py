@@ -274,7 +274,7 @@ def test_finetune_and_frozen_variants_share_one_pass_of_the_base(image_folder, t
 
 @pytest.mark.e2e
 def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, tracking, tmp_path):
-    """finetune with flips: the mirror images of the training split get entries of their own (train
+    """finetune with flips: the mirror images of the training pool get entries of their own (the pool
     alone), at block4_pool and, derived, at the base's output; a frozen variant after it reuses them
     (no new pass); the stored features are the extractor's on the mirrored images."""
     result = cli("train", "finetune", "--data", str(image_folder), *FAST_ARGS, "--flip", "--finetune-epochs", "1")
@@ -282,8 +282,8 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
     metas = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")}
     mirrored = {m["fields"]["boundary"]: key for key, m in metas.items() if m["fields"].get("transform") == "hflip"}
     assert sorted(mirrored) == ["block4_pool", "block5_pool"]
-    assert all(set(metas[key]["sha256"]) == {"train"} for key in mirrored.values())
-    assert len(metas) == 4  # and the three-split entries at both boundaries
+    assert all(set(metas[key]["sha256"]) == {"pool"} for key in mirrored.values())
+    assert len(metas) == 4  # and the pool-and-test entries at both boundaries
 
     result = cli("train", "augment", "--data", str(image_folder), *FAST_ARGS)  # augment: flips from the cache
     assert result.exit_code == 0, result.output
@@ -294,9 +294,9 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none"})
     dataset = data.load(str(image_folder), seed=spec["seed"])
     network = models.build(spec, dataset.num_classes)
-    want = network.extractor.predict(np.asarray(dataset.x_train)[:, :, ::-1], verbose=0)
-    got = np.load(tmp_path / "cache" / mirrored["block5_pool"] / "train.npy")
-    unflipped = network.extractor.predict(np.asarray(dataset.x_train), verbose=0)
+    want = network.extractor.predict(np.asarray(dataset.x_pool)[:, :, ::-1], verbose=0)
+    got = np.load(tmp_path / "cache" / mirrored["block5_pool"] / "pool.npy")
+    unflipped = network.extractor.predict(np.asarray(dataset.x_pool), verbose=0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     assert np.abs(got - unflipped).max() > 100 * np.abs(got - want).max()  # the mirror images' own
 
@@ -306,3 +306,27 @@ def test_flips_come_from_cached_features_of_the_mirror_images(image_folder, trac
 def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_folder, tracking):
     result = invoke("train", "baseline", "--data", str(image_folder), *FAST_ARGS, *extra)
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.e2e
+def test_test_time_flips_score_what_the_logged_model_answers(image_folder, tracking, tmp_path):
+    """tta: the validation and test scores are the mean of each image's probabilities and its mirror
+    image's, from cached mirrored features (an entry for the pool, one for the test images); the
+    logged model computes the same from raw pixels, so predict answers what test_accuracy says, and
+    the mirror of an image gets the very same answer."""
+    spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2, "tta": True})
+    result = train("baseline", spec, cache_dir=str(tmp_path / "cache"))
+    dataset = data.load(str(image_folder), seed=spec["seed"])
+    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
+    assert labels == [dataset.class_names[i] for i in result.test_predictions]
+    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    assert sorted(sorted(m["sha256"]) for m in metas if m["fields"].get("transform") == "hflip") == [["pool"], ["test"]]
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    images = np.asarray(dataset.x_test[:4])
+    both = [np.stack(model.predict(image_rows(x))["probabilities"]) for x in (images, images[:, :, ::-1])]
+    np.testing.assert_allclose(both[0], both[1], atol=1e-6)  # symmetric by construction
+
+    untta = train("baseline", {**spec, "tta": False}, cache_dir=str(tmp_path / "cache"))
+    # The same weights (the same seed), scored without the mirror images: other probabilities.
+    assert untta.test_loss != pytest.approx(result.test_loss, abs=1e-7)

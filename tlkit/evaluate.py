@@ -24,27 +24,32 @@ class Outcome:
     probabilities: np.ndarray  # class probabilities per test image, in the data set's order
 
 
-def score(model, x, y) -> tuple[float, float, np.ndarray]:
+def score(model, x, y, x_mirrored=None) -> tuple[float, float, np.ndarray]:
     """Test loss (the seed's categorical cross-entropy, averaged), accuracy and class probabilities
-    of model on inputs x with one-hot labels y, from fastpath.predict: the numbers model.evaluate gives."""
+    of model on inputs x with one-hot labels y, from fastpath.predict: the numbers model.evaluate gives.
+    x_mirrored: the same samples' mirror images (the spec's `tta`): each probability is then the mean
+    of the two, as models.with_test_time_flips computes it in the logged network."""
     import keras
 
     probabilities = fastpath.predict(model, x)
+    if x_mirrored is not None:
+        probabilities = (probabilities + fastpath.predict(model, x_mirrored)) / 2  # keras.layers.Average's order
     loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))))
     accuracy = float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
     return loss, accuracy, probabilities
 
 
 def log_outcome(model, x_test, dataset, *, history: dict, spec: dict, stage_starts=(), logged_network=None,
-                metrics: dict | None = None) -> Outcome:
+                metrics: dict | None = None, x_test_mirrored=None) -> Outcome:
     """Score `model` on x_test (the test images, or their cached features) against the data set's
     labels and log into the active run: test_accuracy, test_loss, test_images and `metrics`, the
     per-image predictions (stats.PREDICTIONS_ARTIFACT), the reports (reports/: confusion matrix,
     per-class scores, curves; per-class metrics), then
-    `logged_network` (the end-to-end network that takes raw pixels) as the model, if given."""
+    `logged_network` (the end-to-end network that takes raw pixels) as the model, if given.
+    x_test_mirrored: the test samples' mirror images, for test-time flips (score)."""
     import mlflow
 
-    test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test)
+    test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test, x_test_mirrored)
     truth = dataset.y_test.argmax(axis=1)
     mlflow.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, "test_images": float(len(truth)),
                         **(metrics or {})})

@@ -6,13 +6,17 @@ for VGG16. We run the base once over the train, validation and test images and t
 the stored features. The trade-off (the Keras transfer-learning guide's): a random augmentation
 per epoch cannot come from a cache, so the `augment` variant runs the whole network.
 
-An entry is a folder `<cache-dir>/<key>/` with train.npy, val.npy, test.npy and meta.json (the
-fields of the key, a sha256 of each array file, and what made it). The pass streams: the images
+An entry is a folder `<cache-dir>/<key>/` with pool.npy (the training images before the validation
+split, in the data set's order), test.npy and meta.json (the fields of the key, a sha256 of each
+array file, and what made it). The validation split is not in the key: a run takes its training and
+validation rows of the pool (Features.split), so runs at other split seeds (repeats) share one pass. The pass streams: the images
 are read a batch at a time (stream.py) and each batch's features are appended to the entry's
 files as they come, so the pass holds a few batches, not the data set. The entry is written into a
 temporary folder and renamed into place, so a crash or a kill never leaves a half-written entry
-(the next write removes the temporary folders of writers that died); it is verified on every read,
-and a corrupted entry is recomputed with a warning. Arrays are read memory-mapped.
+(the next write removes the temporary folders of writers that died); it is verified on its first
+read in a process, and a corrupted entry is recomputed with a warning. Arrays are read from disk a
+batch at a time by offsets (sources.FeatureFile), never held whole: a head over an entry of any size
+trains in the memory of a few batches.
 
 What runs the pass is an engine: `LocalPass`, this process's extractor over stream.py's batches,
 or cluster.py's `RayPass`, Ray actors across a cluster. Either hands `get` the features batch by
@@ -41,8 +45,8 @@ from tlkit import distribute, sources, stream
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the stored layout or the extractor's meaning changes
-SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 2  # bump when the stored layout or the extractor's meaning changes (2: pool.npy, no split seed)
+SPLITS = ("pool", "test")  # what an entry may hold: the training pool (train + val) and the test images
 SWEEP_GRACE_SECONDS = 60  # a temporary folder this young may belong to a writer about to lock it
 PROGRESS_SECONDS = 30  # a long pass logs how far it is this often
 PASS_BATCH = 128  # images per call of the extractor in a pass, whatever its engine
@@ -79,9 +83,9 @@ def key_fields(spec: dict, dataset_digest: str, boundary: str) -> dict:
         "image_size": spec["image_size"],
         "preprocess": spec["preprocess"],
         "boundary": boundary,
+        # The digest covers the sampled images (limit, classes, whose sample the seed draws); the
+        # validation split is not here: the pool's features serve every split of it.
         "dataset_digest": dataset_digest,
-        # The digest covers the sampled images (limit, classes); the seed decides the validation split.
-        "split_seed": spec["seed"],
         "limit": spec["limit"],
         "test_limit": spec["test_limit"],
         # 16-bit compute gives other features; float32 entries keep the keys they always had.
@@ -121,22 +125,35 @@ class LocalPass:
 
 @dataclass
 class Features:
-    train: np.ndarray
-    val: np.ndarray | None  # None in an entry of the training images alone (their mirror images)
-    test: np.ndarray | None
+    """An entry's features (sources.FeatureFile: read from disk a batch at a time), and once split()
+    the run's training and validation rows of the pool."""
+
+    pool: sources.Source | None  # the training images before the validation split, in order
+    test: sources.Source | None
     key: str
     hit: bool  # True when read from the cache, False when computed now
     derived_from: str = ""  # key of the lower entry these were computed from, if any
-    # The base's output for the same images, when these are from below it (fine-tuning's boundary).
-    base_output: Features | None = None
-    # The features of the training images mirrored left to right (the spec's `flip`), same order.
-    train_mirrored: np.ndarray | None = None
     # What computed them: {"engine": "local"|"ray", "workers": n, ...} (meta.json's "made_by").
     made_by: dict = field(default_factory=lambda: dict(LocalPass.made_by))
+    train: sources.Source | None = None  # the pool's training rows (split)
+    val: sources.Source | None = None  # the pool's validation rows (split)
+    # The base's output for the same images, when these are from below it (fine-tuning's boundary).
+    base_output: Features | None = None
+    # The features of the images mirrored left to right (the spec's `flip` for training, `tta` for
+    # validation and test), in the same order.
+    train_mirrored: sources.Source | None = None
+    val_mirrored: sources.Source | None = None
+    test_mirrored: sources.Source | None = None
 
     @property
     def splits(self) -> tuple[str, ...]:
+        """The splits the entry holds."""
         return tuple(split for split in SPLITS if getattr(self, split) is not None)
+
+    def split(self, train_rows, val_rows) -> Features:
+        """Set train and val to those rows of the pool (the data set's validation split)."""
+        self.train, self.val = self.pool.take(train_rows), self.pool.take(val_rows)
+        return self
 
 
 class FeatureCache:
@@ -155,6 +172,11 @@ class FeatureCache:
         except OSError as err:
             raise FeatureCacheError(f"cannot write the feature cache in {self.root}: {_why(err, self.root)}") from None
 
+    # Entries verified in this process, by what would change if the files were rewritten: a run
+    # reads the same entry for every configuration of a search, and hashing gigabytes each time
+    # (about a second a gigabyte here) would be most of a small head's training.
+    _verified: set = set()
+
     def has(self, key: str) -> bool:
         """Whether an entry is there (unverified: read checks it)."""
         return (self._entry(key) / "meta.json").is_file()
@@ -167,19 +189,24 @@ class FeatureCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            # Every split an entry was written with (an entry of mirrored images holds train alone).
+            # Every split an entry was written with (an entry of mirrored images may hold one).
             splits = [split for split in SPLITS if split in meta["sha256"]]
-            if "train" not in splits:
-                raise ValueError("it holds no training features")
+            if not splits:
+                raise ValueError("it holds no features")
             for split in splits:
-                if file_sha256(entry / f"{split}.npy") != meta["sha256"][split]:
-                    raise ValueError(f"{split}.npy does not match its checksum")
-            arrays = {split: np.load(entry / f"{split}.npy", mmap_mode="r") for split in splits}
+                path = entry / f"{split}.npy"
+                status = path.stat()
+                seen = (str(path), status.st_ino, status.st_size, status.st_mtime_ns, meta["sha256"][split])
+                if seen not in self._verified:
+                    if file_sha256(path) != meta["sha256"][split]:
+                        raise ValueError(f"{split}.npy does not match its checksum")
+                    self._verified.add(seen)
+            arrays = {split: sources.FeatureFile(entry / f"{split}.npy") for split in splits}
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("feature cache entry %s is corrupted (%s): recomputing it", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        return Features(train=arrays["train"], val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True,
+        return Features(pool=arrays.get("pool"), test=arrays.get("test"), key=key, hit=True,
                         # Entries older than made_by were all made by this process's pass.
                         made_by=meta.get("made_by") or LocalPass.made_by)
 
@@ -253,7 +280,7 @@ class FeatureCache:
             os.close(lock)
 
     def get(self, fields: dict, extractor, images: dict, batch_size: int = PASS_BATCH, engine=None) -> Features:
-        """Cached features for images {'train','val','test'} (or 'train' alone; arrays or
+        """Cached features for images {'pool', 'test'} (or one of them; arrays or
         sources.ImageFiles), computed in one streaming pass on a miss: by `engine` (default LocalPass;
         cluster.RayPass runs it on Ray), which yields (split, features) batch by batch in order."""
         key = key_of(fields)

@@ -316,9 +316,36 @@ def build(spec: dict, num_classes: int, base_model=None) -> Network:
     # A base that trains from the start needs BatchNorm's batch statistics in training (its moving
     # averages start at 0 and 1); training=None lets fit() and predict() choose the mode.
     base_mode = None if spec["trainable_base"] else False
-    full = keras.Model(pixels, trainable(lower(x, training=base_mode)), name="full")
+    one_view = keras.Model(pixels, trainable(lower(x, training=base_mode)), name="one_view" if spec.get("tta") else "full")
+    full = with_test_time_flips(one_view, size) if spec.get("tta") else one_view
     return Network(full=full, extractor=extractor, trainable=trainable, upper=upper, boundary=boundary,
                    base=base_model, head=head)
+
+
+def with_test_time_flips(one_view, size: int):
+    """The spec's `tta`: raw pixels -> the mean of one_view's probabilities for the image and for its
+    mirror image. In the logged graph itself, so the served, predicted and exported model answers
+    what the run's metrics (from the cached mirrored features: evaluate.score) say."""
+    import keras
+
+    pixels = keras.Input(shape=(size, size, 3), name="pixels")
+    mirrored = mirror_layers(size)(pixels)
+    return keras.Model(pixels, keras.layers.Average(name="tta_mean")([one_view(pixels), one_view(mirrored)]),
+                       name="full")
+
+
+def mirror_layers(size: int):
+    """Images (n, size, size, 3) mirrored left to right, in built-in layers only (saved, loaded in
+    safe mode and exported like any other): the width axis moved last, multiplied by a frozen
+    anti-diagonal 0/1 matrix (exact: each output is one input times 1 plus zeros), moved back."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    flip = layers.Dense(size, use_bias=False, trainable=False, name="mirror_width")
+    flip.build((None, size, 3, size))
+    flip.set_weights([np.eye(size, dtype="float32")[::-1]])
+    return keras.Sequential([layers.Permute((1, 3, 2)), flip, layers.Permute((1, 3, 2))], name="mirror")
 
 
 def extractor_to(network: Network, spec: dict, layer: str):

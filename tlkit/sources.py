@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,252 @@ class ImageFiles(Source):
     def make_read_only(self):
         pass  # files are read afresh; the paths are the caller's own copy (take, mirror make new ones)
 
+
+
+class FeatureFile(Source):
+    """Cached features in a .npy file (features.py's entries), read by offsets a batch at a time.
+
+    Rows are read with os.preadv into a fresh batch array: the file's pages stay in the kernel's page
+    cache, shared and reclaimable, and never count in the process's resident memory, as the pages of
+    a memory map it touches do (a head trained on a memory-mapped 6 GB entry ends holding all of it:
+    `/usr/bin/time -v`'s peak RSS). So a split of any size takes the memory of the batches in flight.
+    rows: which of the file's rows, in which order (take); None for all of them."""
+
+    def __init__(self, path, rows: np.ndarray | None = None):
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise DataError(f"{self.path}: .npy format {version} is not one this reads")
+            shape, fortran_order, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order:
+            raise DataError(f"{self.path}: features stored in Fortran order")
+        self.dtype, self.row_shape = np.dtype(dtype), tuple(shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.file_rows = int(shape[0])
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._fd, self._pid = None, os.getpid()
+
+    ndim = property(lambda self: 1 + len(self.row_shape))
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self.row_shape)
+
+    def __len__(self) -> int:
+        return self.file_rows if self.rows is None else len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index, within = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        rows = np.arange(len(self))[index]
+        batch = self.read(np.atleast_1d(rows))
+        return batch[(slice(None), *within)] if np.ndim(rows) else batch[0][within]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.read(np.arange(len(self)))  # for small data and tests: tlkit's own paths read batches
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getstate__(self):  # pickled (Ray) without the descriptor: the other process opens its own
+        return {**self.__dict__, "_fd": None}
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except (OSError, TypeError):  # at interpreter exit os may be half torn down
+                pass
+
+    def read(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows outside its {len(self)}")
+        positions = (rows if self.rows is None else self.rows[rows]) % self.file_rows
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        if not len(rows):
+            return out
+        view, fd, size = memoryview(out.reshape(-1).view(np.uint8)), self._descriptor(), self.row_bytes
+        if np.all(np.diff(positions) == 1):  # consecutive rows (a pass in order): one read
+            self._read_into(fd, view, self.offset + int(positions[0]) * size)
+            return out
+        for i, position in enumerate(positions.tolist()):  # a shuffled batch: a read per row (GIL released)
+            self._read_into(fd, view[i * size:(i + 1) * size], self.offset + position * size)
+        return out
+
+    def _read_into(self, fd: int, buffer, offset: int) -> None:
+        done = 0
+        while done < len(buffer):  # a read may return less than asked (signals, large reads)
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got <= 0:
+                raise DataError(f"{self.path}: ends before its rows (the cache entry changed while read)")
+            done += got
+
+    def read_marking_unreadable(self, rows):
+        return self.read(rows), np.zeros(0, np.int64)
+
+    def take(self, rows) -> FeatureFile:
+        rows = np.arange(len(self))[rows] if not isinstance(rows, np.ndarray) or rows.dtype == bool \
+            else np.asarray(rows, dtype=np.int64)
+        taken = FeatureFile.__new__(FeatureFile)
+        taken.__dict__.update(self.__getstate__())
+        taken.rows = rows % len(self) if self.rows is None else self.rows[rows]
+        return taken
+
+    def mirror(self):
+        raise DataError(f"{self.path}: features cannot be mirrored; the mirrored images' features are an entry of "
+                        "their own (the spec's `flip`)")
+
+    def in_memory(self):
+        return None
+
+    def hash_into(self, h):
+        for start in range(0, len(self), 1024):
+            h.update(self.read(np.arange(start, min(start + 1024, len(self)))).data)
+        return np.zeros(0, np.int64)
+
+    def as_mlflow_dataset(self, targets, *, source, name, digest):
+        raise DataError("cached features are not logged as a data set: their images are")
+
+    def make_read_only(self):
+        pass  # read afresh from a file that is never written again
+
+
+class Stacked(Source):
+    """Two sources of the same rows' shape, one after the other: rows below len(first) are first's.
+    The pool of a data set built from its splits; training features beside their mirror images."""
+
+    def __init__(self, first, second):
+        self.first, self.second = of(first), of(second)
+        if tuple(self.first.shape[1:]) != tuple(self.second.shape[1:]) or self.first.dtype != self.second.dtype:
+            raise DataError(f"cannot stack {self.first.dtype} {tuple(self.first.shape[1:])} samples with "
+                            f"{self.second.dtype} {tuple(self.second.shape[1:])} ones")
+        self.dtype, self.ndim = self.first.dtype, self.first.ndim
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self.first.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index):
+        index, within = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        rows = np.arange(len(self))[index]
+        batch = self.read(np.atleast_1d(rows))
+        return batch[(slice(None), *within)] if np.ndim(rows) else batch[0][within]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.concatenate([np.asarray(self.first), np.asarray(self.second)])
+        return whole if dtype is None else whole.astype(dtype)
+
+    def _parts(self, rows):
+        rows = np.asarray(rows, dtype=np.int64) % max(len(self), 1)
+        second = rows >= len(self.first)
+        return rows, second
+
+    def read(self, rows):
+        return self.read_marking_unreadable(rows)[0]
+
+    def read_marking_unreadable(self, rows):
+        rows, second = self._parts(rows)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        unreadable = []
+        for part, mask, start in ((self.first, ~second, 0), (self.second, second, len(self.first))):
+            if mask.any():
+                at = np.flatnonzero(mask)
+                out[at], bad = part.read_marking_unreadable(rows[mask] - start)
+                unreadable.extend(at[bad].tolist())
+        return out, np.array(sorted(unreadable), dtype=np.int64)
+
+    def take(self, rows):
+        rows, second = self._parts(np.arange(len(self))[rows])
+        if not second.any():
+            return self.first.take(rows)
+        if second.all():
+            return self.second.take(rows - len(self.first))
+        return _Rows(self, rows)  # rows of both: read through the stack
+
+    def mirror(self):
+        return Stacked(self.first.mirror(), self.second.mirror())
+
+    def in_memory(self):
+        return None
+
+    def hash_into(self, h):
+        failed = self.first.hash_into(h)
+        if len(failed):
+            return failed
+        return len(self.first) + self.second.hash_into(h)
+
+    def as_mlflow_dataset(self, targets, *, source, name, digest):
+        import mlflow
+
+        return mlflow.data.from_numpy(np.asarray(self), targets=targets, source=source, name=name, digest=digest)
+
+    def make_read_only(self):
+        self.first.make_read_only()
+        self.second.make_read_only()
+
+
+class _Rows(Source):
+    """Some rows of a source, in a given order, read through it (a Stacked source's rows of both parts)."""
+
+    def __init__(self, parent: Source, rows: np.ndarray):
+        self.parent, self.rows = parent, np.asarray(rows, dtype=np.int64)
+        self.dtype, self.ndim = parent.dtype, parent.ndim
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self.parent.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.parent[self.rows[index]]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.read(np.arange(len(self)))
+        return whole if dtype is None else whole.astype(dtype)
+
+    def read(self, rows):
+        return self.parent.read(self.rows[np.asarray(rows, dtype=np.int64)])
+
+    def read_marking_unreadable(self, rows):
+        return self.parent.read_marking_unreadable(self.rows[np.asarray(rows, dtype=np.int64)])
+
+    def take(self, rows):
+        return _Rows(self.parent, self.rows[np.arange(len(self))[rows]])
+
+    def mirror(self):
+        return _Rows(self.parent.mirror(), self.rows)
+
+    def in_memory(self):
+        return None
+
+    def hash_into(self, h):
+        failed = []
+        for start in range(0, len(self), 1024):
+            batch, bad = self.read_marking_unreadable(np.arange(start, min(start + 1024, len(self))))
+            failed.extend((start + bad).tolist())
+            if not failed:
+                h.update(batch.data)
+        return np.array(failed, dtype=np.int64)
+
+    def as_mlflow_dataset(self, targets, *, source, name, digest):
+        import mlflow
+
+        return mlflow.data.from_numpy(np.asarray(self), targets=targets, source=source, name=name, digest=digest)
+
+    def make_read_only(self):
+        self.parent.make_read_only()
 
 
 def read_image(path: str, size: int) -> np.ndarray | None:

@@ -38,6 +38,8 @@ FIELDS: dict[str, tuple[object, str]] = {
                        "network every epoch)"),
     "flip": (False, "random horizontal flips from the feature cache: the training images' mirror images get one "
                     "pass of the base, and every epoch each image is drawn as itself or mirrored (p 1/2)"),
+    "tta": (False, "test-time flips: each validation and test image scored as the mean of its probabilities and its "
+                   "mirror image's (cached features); the logged model does the same, so it answers what the metric says"),
     "precision": ("float32", "'float32', or 'mixed_float16' / 'mixed_bfloat16': layers compute in 16 bits, variables "
                              "and the softmax stay float32 (for GPUs; bfloat16 also runs on CPUs)"),
     "jit": (False, "compile training steps and the feature pass with XLA (jit_compile)"),
@@ -201,6 +203,9 @@ def validate(spec: dict) -> None:
     if spec["flip"] and (spec["augment"] or spec["trainable_base"]):
         raise SpecError("flip comes from the feature cache, and augment / trainable_base run the whole network "
                         "(augment flips already): use --no-flip with them")
+    if spec["tta"] and (spec["augment"] or spec["trainable_base"]):
+        raise SpecError("tta comes from the feature cache, and augment / trainable_base run the whole network: "
+                        "use --no-tta with them")
     if spec["augment"] and spec["unfreeze"]:
         raise SpecError("augment and unfreeze cannot be combined yet: pick one variant")
     if spec["trainable_base"] and spec["unfreeze"]:

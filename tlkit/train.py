@@ -208,15 +208,32 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     same entries on Ray, looked up here by the same rules, so a run after it finds them all).
     """
     cache = features.FeatureCache(cache_dir)
-    images = {"train": dataset.x_train, "val": dataset.x_val, "test": dataset.x_test}
+    # The pool (train and validation, before the split) and the test images: the entry serves every
+    # split of the pool, which the data set's rows then take.
+    images = {"pool": dataset.x_pool, "test": dataset.x_test}
     got = _cached_features(network, dataset, spec, cache, images, "", cache_below, engine)
-    if spec["flip"]:
-        flipped = _cached_features(network, dataset, spec, cache, {"train": dataset.x_train.mirror()}, "hflip",
-                                   cache_below, engine)
-        got.train_mirrored = flipped.train
-        if got.base_output is not None:
-            got.base_output.train_mirrored = flipped.base_output.train
+    _take_split(got, dataset)
+    # Mirror images: the pool's for flips in training (and the validation rows' for tta), the test
+    # images' for tta; an entry each, so a flip run and a tta run share the pool's.
+    mirrored = {}
+    for split in ("pool",) * (spec["flip"] or spec["tta"]) + ("test",) * spec["tta"]:
+        mirrored[split] = _cached_features(network, dataset, spec, cache, {split: images[split].mirror()}, "hflip",
+                                           cache_below, engine)
+    for into, pick in ((got, lambda f: f), (got.base_output, lambda f: f.base_output)):
+        if into is None or not mirrored:
+            continue
+        pool = pick(mirrored["pool"]).pool
+        into.train_mirrored = pool.take(dataset.train_rows) if spec["flip"] else None
+        if spec["tta"]:
+            into.val_mirrored, into.test_mirrored = pool.take(dataset.val_rows), pick(mirrored["test"]).test
     return got
+
+
+def _take_split(got, dataset) -> None:
+    """The run's training and validation rows of the pool's features (and the base output's)."""
+    got.split(dataset.train_rows, dataset.val_rows)
+    if got.base_output is not None:
+        got.base_output.split(dataset.train_rows, dataset.val_rows)
 
 
 def feature_tags(cached, network) -> dict:
@@ -231,7 +248,7 @@ def feature_tags(cached, network) -> dict:
 
 def _cached_features(network, dataset, spec: dict, cache, images: dict, transform: str = "",
                      cache_below: str = "", engine=None):
-    """frozen_features of `images` (all three splits, or the training images transformed by `transform`)."""
+    """frozen_features of `images` (the pool and the test images, or one of them transformed by `transform`)."""
     import keras
 
     base = network.base
@@ -239,8 +256,8 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 
     def fields_at(boundary: str) -> dict:
         fields = features.key_fields(spec, dataset.digest, models.layer_key(base, boundary))
-        if transform:  # untransformed entries keep the keys they always had
-            fields["transform"] = transform
+        if transform:  # an entry of transformed images, of the splits it holds
+            fields["transform"], fields["splits"] = transform, sorted(images)
         return fields
 
     def derive(lower: features.Features, lower_at: str, upper_at: str, block=None) -> features.Features:
@@ -331,7 +348,8 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
             cached = frozen_features(network, dataset, spec, cache_dir, cache_below)
             mlflow.set_tags(feature_tags(cached, network))
             model, inputs = network.trainable, {"train": cached.train, "val": cached.val, "test": cached.test,
-                                                "train_mirrored": cached.train_mirrored}
+                                                "train_mirrored": cached.train_mirrored,
+                                                "val_mirrored": cached.val_mirrored, "test_mirrored": cached.test_mirrored}
             on_features = True
             if cached.base_output is not None:
                 head_inputs = {"train": cached.base_output.train, "val": cached.base_output.val,
@@ -340,8 +358,10 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
         history, stage_starts = _train_stages(network, model, inputs, dataset, spec, on_features, head_inputs)
         # The validation accuracy of the model as it ends (early stopping may have restored an
         # earlier epoch): what the recipe search selects on, never the test accuracy.
-        _, val_accuracy, _ = evaluate.score(model, inputs["val"], dataset.y_val)
+        # With tta, both scores are those of the image and its mirror image (as the logged network answers).
+        _, val_accuracy, _ = evaluate.score(model, inputs["val"], dataset.y_val, inputs.get("val_mirrored"))
         outcome = evaluate.log_outcome(model, inputs["test"], dataset, history=history, spec=spec,
+                                       x_test_mirrored=inputs.get("test_mirrored"),
                                        stage_starts=stage_starts, logged_network=network.full,
                                        metrics={"val_accuracy_final": val_accuracy,
                                                 "epochs_run": float(len(history.get("loss", [])))})

@@ -136,19 +136,24 @@ def fit_arguments(*args, **options) -> dict:
     x, y = sources.of(options.get("x")), options.get("y")
     if x is None or sources.of(y) is None or options.get("validation_split"):
         if mirror_images is not None:
-            raise ValueError("mirrored training features need the training features as arrays")
+            raise ValueError("mirrored training features need the training features as a source")
         return options  # a dataset or a split to make: Keras's to serve
     batch_size = options["batch_size"] = options.get("batch_size") or 32  # Keras's default for arrays
     validation = options.get("validation_data")
     x_val = sources.of(validation[0]) if isinstance(validation, tuple) and len(validation) == 2 else None
     if x.in_memory() is None:
-        # Samples read a batch at a time (files: stream.py), both ways: Keras's own array pipeline
-        # needs them in memory, and a tf.data dataset is what plain Keras streams from.
+        # Samples read a batch at a time (cached features' files, images' files: stream.py), both
+        # ways: Keras's own array pipeline needs them in memory, and a tf.data dataset is what plain
+        # Keras streams from (cached flips: the PyDataset, reading its rows from the files too).
         if x_val is not None and x_val.in_memory() is None:
             options["validation_data"] = stream.batches(x_val, batch_size, labels=validation[1])
             options["validation_steps"] = math.ceil(len(validation[1]) / batch_size)
+        if plain_keras() and mirror_images is not None:
+            options["x"] = batches.mirrored_draws(x, options.pop("y"), batch_size, mirror_images)
+            options.pop("batch_size")  # Keras refuses a batch size beside a PyDataset
+            return options
         options["steps_per_epoch"] = math.ceil(len(y) / batch_size)
-        options["x"] = batches.training_batches(x, options.pop("y"), batch_size)
+        options["x"] = batches.training_batches(x, options.pop("y"), batch_size, mirror_images)
         return options
     if plain_keras():
         if mirror_images is not None:

@@ -179,14 +179,14 @@ def finish(oracle, context: trials.Context, spec: dict, search: Search, prepared
             tracking.log_params_once(values)
             mlflow.log_dict(best_spec, "spec.json")
             outcome = evaluate.log_outcome(network.head, cached.test, dataset, history=history, spec=best_spec,
-                                           logged_network=network.full, metrics={
+                                           x_test_mirrored=cached.test_mirrored, logged_network=network.full, metrics={
                                                "best_score": float(best.score),
                                                "trials_completed": float(len(completed)),
                                                "trials_failed": float(len(everything) - len(completed))})
             # Last: its presence says the parent is complete, so a rerun of a finished search logs nothing.
             mlflow.set_tags({"best_trial_id": best.trial_id, "best_trial_run_id": best_run.info.run_id})
         else:
-            outcome = evaluate.Outcome(*evaluate.score(network.head, cached.test, dataset.y_test))
+            outcome = evaluate.Outcome(*evaluate.score(network.head, cached.test, dataset.y_test, cached.test_mirrored))
     return Result(run_id=parent, test_accuracy=outcome.test_accuracy, test_loss=outcome.test_loss,
                   model_uri=f"runs:/{parent}/model", test_predictions=outcome.probabilities.argmax(axis=1))
 
