@@ -145,7 +145,7 @@ def test_an_entry_of_one_split(tmp_path):
     (lambda entry: (entry / "pool.npy").unlink(), "No such file"),
     (lambda entry: (entry / "meta.json").write_text("{not json"), "Expecting property name"),
     (lambda entry: (entry / "meta.json").write_text('{"fields": {}}'), "'sha256'"),
-    (lambda entry: (entry / "meta.json").write_text('{"fields": {}, "sha256": {"val": "00"}}'),
+    (lambda entry: (entry / "meta.json").write_text('{"fields": {}, "sha256": {"other": "00"}}'),
      "it holds no features"),
     (lambda entry: (entry / "test.npy").write_bytes(b""), "test.npy does not match its checksum"),
 ], ids=["a missing array", "meta not JSON", "meta without checksums", "no split", "an emptied array"])

@@ -311,7 +311,7 @@ def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_fold
 @pytest.mark.e2e
 def test_test_time_flips_score_what_the_logged_model_answers(image_folder, tracking, tmp_path):
     """tta: the validation and test scores are the mean of each image's probabilities and its mirror
-    image's, from cached mirrored features (an entry for the pool, one for the test images); the
+    image's, from cached mirrored features (an entry for the validation images, one for the test); the
     logged model computes the same from raw pixels, so predict answers what test_accuracy says, and
     the mirror of an image gets the very same answer."""
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2, "tta": True})
@@ -321,7 +321,8 @@ def test_test_time_flips_score_what_the_logged_model_answers(image_folder, track
     assert labels == [dataset.class_names[i] for i in result.test_predictions]
     assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
     metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
-    assert sorted(sorted(m["sha256"]) for m in metas if m["fields"].get("transform") == "hflip") == [["pool"], ["test"]]
+    # tta without flips: the mirrored test images, and the mirrored validation images alone.
+    assert sorted(sorted(m["sha256"]) for m in metas if m["fields"].get("transform") == "hflip") == [["test"], ["val"]]
     model = mlflow.pyfunc.load_model(result.model_uri)
     images = np.asarray(dataset.x_test[:4])
     both = [np.stack(model.predict(image_rows(x))["probabilities"]) for x in (images, images[:, :, ::-1])]

@@ -106,14 +106,22 @@ class Costs:
         """The passes of the base this spec would make that are not made yet: (identity, images)."""
         key = (spec["base"], spec["image_size"], spec["preprocess"], images["train"], images["test"])
         wanted = [(key + ("",), images["train"] + images["val"] + images["test"])]
+        # The mirror images' entries (train.frozen_features): the pool's for flips; the test
+        # images' for tta, and the validation images' where the pool's are not made.
         if spec["flip"]:
-            wanted.append((key + ("hflip",), images["train"]))
+            wanted.append((key + ("hflip",), images["train"] + images["val"]))
+        if spec["tta"]:
+            wanted.append((key + ("hflip-test",), images["test"]))
+        if spec["tta"] and not spec["flip"]:
+            wanted.append((key + ("hflip-val", spec["seed"]), images["val"]))
         return [(identity, n) for identity, n in wanted if identity not in self.done_passes]
 
     def estimate(self, spec: dict, images: dict[str, int]) -> float:
         """Seconds for one configuration on `images` (train, val, test counts) at the spec's epochs."""
         rates = self.rates[(spec["base"], spec["image_size"])]
         seconds = sum(n for _, n in self.passes(spec, images)) * rates.pass_image
+        if spec["tta"]:  # the validation and test images scored twice
+            seconds += (images["val"] + images["test"]) * rates.head_sample / 3
         # An epoch trains on the training images and scores the validation images (about a third
         # of a training step each); early stopping may end sooner: the estimate is the longest.
         per_epoch = images["train"] + images["val"] / 3

@@ -46,7 +46,9 @@ from tlkit import distribute, sources, stream
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the stored layout or the extractor's meaning changes (2: pool.npy, no split seed)
-SPLITS = ("pool", "test")  # what an entry may hold: the training pool (train + val) and the test images
+# What an entry may hold: the training pool (train + val) and the test images; or, mirrored for
+# test-time flips without flips in training, the validation images alone.
+SPLITS = ("pool", "val", "test")
 SWEEP_GRACE_SECONDS = 60  # a temporary folder this young may belong to a writer about to lock it
 PROGRESS_SECONDS = 30  # a long pass logs how far it is this often
 PASS_BATCH = 128  # images per call of the extractor in a pass, whatever its engine
@@ -145,10 +147,12 @@ class Features:
     val_mirrored: sources.Source | None = None
     test_mirrored: sources.Source | None = None
 
+    stored: tuple[str, ...] = ()  # the splits the entry holds (read sets it)
+
     @property
     def splits(self) -> tuple[str, ...]:
-        """The splits the entry holds."""
-        return tuple(split for split in SPLITS if getattr(self, split) is not None)
+        """The splits the entry holds (not the run's train and val, which split() takes of the pool)."""
+        return self.stored or tuple(split for split in SPLITS if getattr(self, split) is not None)
 
     def split(self, train_rows, val_rows) -> Features:
         """Set train and val to those rows of the pool (the data set's validation split)."""
@@ -206,7 +210,8 @@ class FeatureCache:
             log.warning("feature cache entry %s is corrupted (%s): recomputing it", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        return Features(pool=arrays.get("pool"), test=arrays.get("test"), key=key, hit=True,
+        return Features(pool=arrays.get("pool"), val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True,
+                        stored=tuple(splits),
                         # Entries older than made_by were all made by this process's pass.
                         made_by=meta.get("made_by") or LocalPass.made_by)
 

@@ -228,6 +228,7 @@ class Search:
         self.say(f"  full     the best {len(later['full'])} of the screen on every image: {sum(later['full']):.0f} s "
                  "at most")
         self.say(f"  flip     the best with cached flips: about {sum(later['flip']):.0f} s at most")
+        self.say(f"  tta      the best with test-time flips: about {sum(later['tta']):.0f} s at most")
         for lever, seconds in zip(candidates.finetunes(), later["finetune"]):
             self.say(f"  finetune {seconds:7.0f} s at most  {_describe(lever)}")
         total = sum(screened[:count]) + sum(sum(rung) for rung in later.values())
@@ -245,6 +246,8 @@ class Search:
         best = dearest[0]
         return {"full": self._total(full),
                 "flip": self._total(full + [({**best, "flip": True}, {})])[len(full):],
+                "tta": self._total(full + [({**best, "flip": True}, {}), ({**best, "flip": True, "tta": True}, {})])
+                [len(full) + 1:],
                 "finetune": self._total(full + [({**best, "flip": True, **lever}, {}) for lever in
                                                 candidates.finetunes()])[len(full):]}
 
@@ -428,6 +431,8 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
                 searching.rest_on_screen(parent_id, tmp)
             _write_chosen(searching, parent_id, output)
             searching.run_levers("flip", [{"flip": True}], tmp, parent_id)
+            _write_chosen(searching, parent_id, output)
+            searching.run_levers("tta", [{"tta": True}], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
             searching.run_levers("finetune", candidates.finetunes(), tmp, parent_id)
         finally:

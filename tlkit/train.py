@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,19 +214,23 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     images = {"pool": dataset.x_pool, "test": dataset.x_test}
     got = _cached_features(network, dataset, spec, cache, images, "", cache_below, engine)
     _take_split(got, dataset)
-    # Mirror images: the pool's for flips in training (and the validation rows' for tta), the test
-    # images' for tta; an entry each, so a flip run and a tta run share the pool's.
-    mirrored = {}
-    for split in ("pool",) * (spec["flip"] or spec["tta"]) + ("test",) * spec["tta"]:
-        mirrored[split] = _cached_features(network, dataset, spec, cache, {split: images[split].mirror()}, "hflip",
-                                           cache_below, engine)
+    # Mirror images, an entry for each split they are of: the pool's for flips in training (its
+    # validation rows then serve tta too), the test images' for tta, and for tta without flips the
+    # validation images' alone (a sixth of the pool's pass; that entry is the split's own).
+    wanted = (["pool"] if spec["flip"] else []) + (["test"] + ([] if spec["flip"] else ["val"])) * spec["tta"]
+    mirror_images = {"pool": dataset.x_pool, "test": dataset.x_test, "val": dataset.x_val}
+    mirrored = {split: _cached_features(network, dataset, spec, cache, {split: mirror_images[split].mirror()}, "hflip",
+                                        cache_below, engine, rows=dataset.val_rows if split == "val" else None)
+                for split in wanted}
     for into, pick in ((got, lambda f: f), (got.base_output, lambda f: f.base_output)):
         if into is None or not mirrored:
             continue
-        pool = pick(mirrored["pool"]).pool
-        into.train_mirrored = pool.take(dataset.train_rows) if spec["flip"] else None
+        if spec["flip"]:
+            into.train_mirrored = pick(mirrored["pool"]).pool.take(dataset.train_rows)
         if spec["tta"]:
-            into.val_mirrored, into.test_mirrored = pool.take(dataset.val_rows), pick(mirrored["test"]).test
+            into.val_mirrored = pick(mirrored["pool"]).pool.take(dataset.val_rows) if spec["flip"] else \
+                pick(mirrored["val"]).val
+            into.test_mirrored = pick(mirrored["test"]).test
     return got
 
 
@@ -247,7 +252,7 @@ def feature_tags(cached, network) -> dict:
 
 
 def _cached_features(network, dataset, spec: dict, cache, images: dict, transform: str = "",
-                     cache_below: str = "", engine=None):
+                     cache_below: str = "", engine=None, rows=None):
     """frozen_features of `images` (the pool and the test images, or one of them transformed by `transform`)."""
     import keras
 
@@ -258,6 +263,8 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
         fields = features.key_fields(spec, dataset.digest, models.layer_key(base, boundary))
         if transform:  # an entry of transformed images, of the splits it holds
             fields["transform"], fields["splits"] = transform, sorted(images)
+        if rows is not None:  # of some rows of the pool (the validation split's): which
+            fields["rows"] = hashlib.sha256(np.asarray(rows, dtype="<i8").tobytes()).hexdigest()[:24]
         return fields
 
     def derive(lower: features.Features, lower_at: str, upper_at: str, block=None) -> features.Features:
