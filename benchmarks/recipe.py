@@ -41,12 +41,17 @@ def main() -> None:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{scratch}/mlflow.db", TLKIT_CACHE_DIR=str(scratch / "cache"))
     command = [sys.executable, "-m", "tlkit.cli", "recipe", "--data", args.data, "--base", args.base,
                "--weights", args.weights, "--budget", args.budget, "--output", str(scratch / "chosen.toml")]
-    done = subprocess.run(["/usr/bin/time", "-v", *command], env=env, cwd=scratch, capture_output=True, text=True)
+    log_path = scratch / "recipe.log"  # the run's own output, to follow while it runs
+    print(f"scratch {scratch}; following: tail -f {log_path}", flush=True)
+    with open(log_path, "w") as log_file:
+        done = subprocess.run(["/usr/bin/time", "-v", *command], env=env, cwd=scratch, stdout=log_file,
+                              stderr=subprocess.STDOUT, text=True)
+    output = log_path.read_text()
     if done.returncode != 0:
-        sys.exit(f"the recipe failed:\n{done.stderr[-3000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", done.stderr).group(1)
+        sys.exit(f"the recipe failed:\n{output[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", output).group(1)
     seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", output).group(1))
 
     import mlflow
 

@@ -309,6 +309,24 @@ def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_fold
 
 
 @pytest.mark.e2e
+def test_test_time_flips_with_flips_and_fine_tuning(image_folder, tracking, tmp_path):
+    """finetune with flips and tta: the mirrored pool's validation rows and the mirrored test images
+    (and the base output derived from them) score the two stages; the logged model answers the same."""
+    spec = specs.load("finetune", {"data": str(image_folder), "weights": "none", "epochs": 1, "finetune_epochs": 1,
+                                   "flip": True, "tta": True})
+    result = train("finetune", spec, cache_dir=str(tmp_path / "cache"))
+    dataset = data.load(str(image_folder), seed=spec["seed"])
+    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
+    assert labels == [dataset.class_names[i] for i in result.test_predictions]
+    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    mirrored = sorted((m["fields"]["boundary"], sorted(m["sha256"])) for m in metas
+                      if m["fields"].get("transform") == "hflip")
+    assert mirrored == [("block4_pool", ["pool"]), ("block4_pool", ["test"]),
+                        ("block5_pool", ["pool"]), ("block5_pool", ["test"])]
+
+
+@pytest.mark.e2e
 def test_test_time_flips_score_what_the_logged_model_answers(image_folder, tracking, tmp_path):
     """tta: the validation and test scores are the mean of each image's probabilities and its mirror
     image's, from cached mirrored features (an entry for the validation images, one for the test); the
