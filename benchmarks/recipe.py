@@ -38,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="tlkit-recipe-bench-"))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{scratch}/mlflow.db", TLKIT_CACHE_DIR=str(scratch / "cache"))
+    # PYTHONPATH: this checkout's tlkit, whatever is installed.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{scratch}/mlflow.db", TLKIT_CACHE_DIR=str(scratch / "cache"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "tlkit.cli", "recipe", "--data", args.data, "--base", args.base,
                "--weights", args.weights, "--budget", args.budget, "--output", str(scratch / "chosen.toml")]
     log_path = scratch / "recipe.log"  # the run's own output, to follow while it runs
