@@ -151,3 +151,36 @@ def test_the_budget_clock_starts_with_the_process():
     clock = budget.Clock(60)
     # This test process started before the test did: the clock counts its imports too.
     assert 0 < clock.elapsed() < 24 * 3600 and clock.left() < 60
+
+
+def test_a_pass_that_would_end_past_the_deadline_gives_up_early(tmp_path):
+    """deadlines.check_pass: a feature pass whose rate says it would end past the budget stops at
+    once (DeadlineError, naming its projected seconds) and leaves no entry; without a deadline, or
+    on time, it runs on."""
+    import time
+
+    import keras
+    import numpy as np
+
+    from tlkit import deadlines, features
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    extractor = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+    images = {"pool": np.zeros((64, 8, 8, 3), np.uint8)}
+    cache = features.FeatureCache(tmp_path)
+    with deadlines.deadline(time.time() - 1):  # already past: the first batch stops it
+        with pytest.raises(deadlines.DeadlineError, match="would end past the budget: 16 of 64 images"):
+            cache.get({"base": "tiny", "boundary": "conv"}, extractor, images, batch_size=16)
+    assert list(tmp_path.iterdir()) == []  # no entry, no temporary folder
+    with deadlines.deadline(time.time() + 600):
+        assert cache.get({"base": "tiny", "boundary": "conv"}, extractor, images, batch_size=16).hit is False
+    # The projection: 10 of 100 images in 30 s is 300 s in all.
+    started = time.monotonic() - 30
+    with deadlines.deadline(time.time() + 100):
+        with pytest.raises(deadlines.DeadlineError) as error:
+            deadlines.check_pass(started, 10, 100)
+    assert error.value.projected_seconds == pytest.approx(300, rel=0.01)
+    with deadlines.deadline(time.time() + 400):
+        deadlines.check_pass(started, 10, 100)
+    deadlines.check_pass(started, 10, 100)  # no deadline: nothing to check

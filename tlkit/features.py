@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit import distribute, sources, stream
+from tlkit import deadlines, distribute, sources, stream
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ class FeatureCache:
                                                 batch_size):
                 entry.append(split, batch)
                 done += len(batch)
+                deadlines.check_pass(started, done, total)  # the recipe's budget: give up early, not late
                 if time.monotonic() - last_report > PROGRESS_SECONDS:
                     last_report = time.monotonic()
                     log.info("feature pass: %d of %d images, %.0f images/s", done, total,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlkit import budget as budgets
-from tlkit import candidates, models, tracking, train
+from tlkit import candidates, deadlines, models, tracking, train
 from tlkit import spec as specs
 from tlkit.messages import first_line
 
@@ -333,7 +333,7 @@ class Search:
         path.write_text(variant_file(diff, f"recipe search, rung {rung}: {_describe(diff)}"))
         clock = time.perf_counter()
         try:
-            with train.deadline(self.clock.deadline()):
+            with deadlines.deadline(self.clock.deadline()):
                 result = train.train(str(path), spec, cache_dir=self.cache_dir, nested=True,
                                      dataset=self.dataset(spec), cache_below=cache_below)
             attempt.run_id, attempt.val_accuracy = result.run_id, result.val_accuracy
@@ -346,13 +346,17 @@ class Search:
             log.error("recipe: %s failed: %s", attempt.name, attempt.error)
             while mlflow.active_run() and mlflow.active_run().info.run_id != parent_id:
                 mlflow.end_run("FAILED")
+            if isinstance(err, deadlines.DeadlineError):  # slower than its estimate: what more time would buy
+                attempt.error = f"left out: the budget ({first_line(err, 300)})"
+                self._leave_out(rung, diff, err.projected_seconds)
         finally:
             keras.backend.clear_session()  # drop the finished configuration's graph and weights
             gc.collect()
         attempt.seconds = time.perf_counter() - clock
         attempt.ended_at = self.clock.elapsed()
-        self.costs.observe(attempt.estimate, attempt.seconds)
-        self.costs.made(spec, images)
+        if not attempt.error.startswith("left out"):  # a pass given up made nothing, and says nothing of the rate
+            self.costs.observe(attempt.estimate, attempt.seconds)
+            self.costs.made(spec, images)
         self.tried.append(attempt)
         outcome = f"val {attempt.val_accuracy:.4f}" if not attempt.error else f"FAILED ({attempt.error})"
         self.say(f"recipe: {attempt.name} ends, {outcome} in {attempt.seconds:.0f} s "

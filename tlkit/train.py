@@ -9,7 +9,6 @@ same weights. `augment` runs the whole network every epoch, since its inputs cha
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit import data, distribute, evaluate, fastpath, features, models, spec as specs, tracking
+from tlkit import data, deadlines, distribute, evaluate, fastpath, features, models, spec as specs, tracking
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +29,6 @@ class Result:
     model_uri: str  # runs:/<id>/model
     test_predictions: np.ndarray  # predicted class index per test image, from the trained network
     val_accuracy: float = float("nan")  # of the model as logged: what searches select on
-
-
-# The time.time() at which epochs stop (deadline()); None: they run as the spec says.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
-
-
-@contextlib.contextmanager
-def deadline(at: float | None):
-    """Training inside stops after the epoch that ends past `at` (a time.time() value): the recipe
-    search's budget reaches into the fits it starts."""
-    token = _DEADLINE.set(at)
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
 
 
 def _stop_at_deadline(at: float, early_stopping=None):
@@ -81,8 +65,8 @@ def fit_options(spec: dict, x_train, y_train, x_val, y_val, epochs: int, x_train
         mode = "min" if spec["monitor"] == "val_loss" else "max"
         callbacks.append(keras.callbacks.EarlyStopping(monitor=spec["monitor"], patience=spec["patience"], mode=mode,
                                                        restore_best_weights=spec["restore_best_weights"], verbose=1))
-    if _DEADLINE.get() is not None:
-        callbacks.append(_stop_at_deadline(_DEADLINE.get(), callbacks[0] if callbacks else None))
+    if deadlines.current() is not None:  # the recipe's budget: epochs stop there
+        callbacks.append(_stop_at_deadline(deadlines.current(), callbacks[0] if callbacks else None))
     fit = dict(x=x_train, y=y_train, batch_size=spec["batch_size"], validation_data=(x_val, y_val),
                epochs=epochs, callbacks=callbacks, verbose=2)
     if x_train_mirrored is not None:
