@@ -288,12 +288,14 @@ class Search:
     def run_full(self, screened: list[Tried], tmp: Path, parent_id: str) -> list[Tried]:
         survivors = screened[: max(1, math.ceil(len(screened) / ETA))]
         done = []
-        for number, tried in enumerate(survivors):
-            # After the screen's best, each keeps back what flips and the first fine-tuning of the
-            # best would take: those are what a search with little time left should still buy.
-            best = _lever_diff(survivors[0])
-            reserve = 0.0 if number == 0 else (self._estimate({**best, "flip": True}, {})
-                                               + self._estimate({**best, **candidates.finetunes()[0]}, {}))
+        for tried in survivors:
+            # Once one has run on every image, each after it keeps back what flips and the first
+            # fine-tuning of the best of them would take: those are what a search with little time
+            # left should still buy. Before that (the screen's best did not fit), none is kept back.
+            finished = [t for t in done if not t.error]
+            best = _lever_diff(max(finished, key=lambda t: t.val_accuracy)) if finished else None
+            reserve = 0.0 if best is None else (self._estimate({**best, "flip": True}, {})
+                                                + self._estimate({**best, **candidates.finetunes()[0]}, {}))
             done.append(self.run("full", _lever_diff(tried), {}, tmp, parent_id, cache_below=DEEPEST, reserve=reserve))
         return self._keep(done, "full")
 
