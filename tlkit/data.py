@@ -94,7 +94,8 @@ class Dataset:
 
 
 def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
-         seed: int = 1995, classes: tuple[str, ...] | list[str] | str = ()) -> Dataset:
+         seed: int = 1995, classes: tuple[str, ...] | list[str] | str = (),
+         split_seed: int | None = None) -> Dataset:
     """Load `data` ("cifar10", an image folder or an .npz file) as a Dataset.
 
     image_size: every image is resized to image_size x image_size (PIL bilinear).
@@ -102,7 +103,9 @@ def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
         stratified by class and deterministically from `seed`.
     classes: use only these class names, in this order (label i = classes[i]);
         a string is read as a comma-separated list. Empty = all classes.
-    seed: drives the `limit` samples and the 10% validation split.
+    seed: drives the `limit` samples (and, unless split_seed is given, the validation split).
+    split_seed: drives the 10% validation split alone (default: seed). Repeats of a run at several
+        seeds keep `seed` and change this: the same images (one digest), other validation splits.
     """
     _check_count("image_size", image_size, minimum=1)
     _check_count("limit", limit, minimum=0)
@@ -111,21 +114,22 @@ def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
         # MLflow passes parameters as strings, e.g. "cat,dog".
         classes = [name.strip() for name in classes.split(",") if name.strip()]
     classes = tuple(str(name) for name in classes)
+    split_seed = seed if split_seed is None else split_seed
 
     if data == "cifar10":
         raw = _read_cifar10()
         return _from_arrays("cifar10", "keras.datasets.cifar10", *raw, image_size=image_size,
-                            limit=limit, test_limit=test_limit, seed=seed, classes=classes)
+                            limit=limit, test_limit=test_limit, seed=seed, classes=classes, split_seed=split_seed)
 
     path = os.path.abspath(os.path.expanduser(str(data)))
     if not os.path.exists(path):
         raise DataError(f"data path does not exist: {path}")
     if os.path.isdir(path):
-        return _load_folder(path, image_size, limit, test_limit, seed, classes)
+        return _load_folder(path, image_size, limit, test_limit, seed, classes, split_seed)
     if path.lower().endswith(".npz"):
         name = os.path.splitext(os.path.basename(path))[0]
         return _from_arrays(name, path, *_read_npz(path), image_size=image_size, limit=limit,
-                            test_limit=test_limit, seed=seed, classes=classes)
+                            test_limit=test_limit, seed=seed, classes=classes, split_seed=split_seed)
     raise DataError(f"{path}: not 'cifar10', an image folder (train/, test/) or an .npz file")
 
 
@@ -257,7 +261,7 @@ def _labels(path: str, key: str, y: np.ndarray) -> np.ndarray:
 
 
 def _from_arrays(name, source, class_names, x_train, y_train, x_test, y_test, *,
-                 image_size, limit, test_limit, seed, classes) -> Dataset:
+                 image_size, limit, test_limit, seed, classes, split_seed) -> Dataset:
     """Select classes, apply the limits, resize, then build the Dataset."""
     if len(class_names) < 2:
         raise DataError(f"{source}: need at least two classes, found {len(class_names)}")
@@ -276,7 +280,7 @@ def _from_arrays(name, source, class_names, x_train, y_train, x_test, y_test, *,
     chosen = stratified_sample(y_test, test_limit, seed)
     x_test, y_test = x_test[chosen], y_test[chosen]
     return _build(name, source, tuple(class_names), _fit_images(x_train, image_size), y_train,
-                  _fit_images(x_test, image_size), y_test, image_size, seed)
+                  _fit_images(x_test, image_size), y_test, image_size, split_seed)
 
 
 def _fit_images(x: np.ndarray, size: int) -> np.ndarray:
@@ -296,7 +300,7 @@ def _fit_images(x: np.ndarray, size: int) -> np.ndarray:
 
 # --- image folders -------------------------------------------------------------------
 
-def _load_folder(root, image_size, limit, test_limit, seed, classes) -> Dataset:
+def _load_folder(root, image_size, limit, test_limit, seed, classes, split_seed) -> Dataset:
     splits = {}
     for split in ("train", "test"):
         split_dir = os.path.join(root, split)
@@ -337,7 +341,7 @@ def _load_folder(root, image_size, limit, test_limit, seed, classes) -> Dataset:
                       stacklevel=3)
     x_train, x_test = (ImageFiles(files[split][0][chosen[split]], image_size) for split in ("train", "test"))
     return _build(os.path.basename(root), root, class_names, x_train, files["train"][1][chosen["train"]],
-                  x_test, files["test"][1][chosen["test"]], image_size, seed, skipped=tuple(skipped),
+                  x_test, files["test"][1][chosen["test"]], image_size, split_seed, skipped=tuple(skipped),
                   digest=digest)
 
 
@@ -395,16 +399,17 @@ def _image_files(class_dir: str) -> list[str]:
 
 # --- shared --------------------------------------------------------------------------
 
-def _build(name, source, class_names, x_train, y_train, x_test, y_test, image_size, seed,
+def _build(name, source, class_names, x_train, y_train, x_test, y_test, image_size, split_seed,
            skipped=(), digest: str = "") -> Dataset:
-    """digest: data_digest of these images, when the caller computed it as it streamed them."""
+    """digest: data_digest of these images, when the caller computed it as it streamed them;
+    split_seed: the validation split's."""
     if len(x_train) < 2:
         raise DataError(f"{source}: {len(x_train)} training image(s) after classes/limit; "
                         "the 10% validation split needs at least 2")
     if len(x_test) == 0:
         raise DataError(f"{source}: no test images after classes/test_limit")
     digest = digest or data_digest(class_names, image_size, x_train, y_train, x_test, y_test)
-    x_tr, y_tr, x_val, y_val = split_and_encode(x_train, y_train, len(class_names), seed)
+    x_tr, y_tr, x_val, y_val = split_and_encode(x_train, y_train, len(class_names), split_seed)
     y_te = np.eye(len(class_names), dtype=np.float32)[y_test]
     return Dataset(name=name, source=source, class_names=class_names,
                    x_train=x_tr, y_train=y_tr, x_val=x_val, y_val=y_val,
