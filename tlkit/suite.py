@@ -152,6 +152,7 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    repeated = any(r.get("seeds") is not None for r in finished)
     names = [r["variant"] for r in finished] + [Path(v).stem for v in failed]
     values = [r["test_accuracy"] for r in finished] + [0.0] * len(failed)
     below = [r["test_accuracy"] - r["test_accuracy_low"] if r["test_accuracy_low"] is not None else 0.0
@@ -168,7 +169,6 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value + high), ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy (95% interval)" if repeated else "test accuracy (95% Wilson interval)")
-    repeated = any(r.get("seeds") is not None for r in finished)
     ax.set_title("suite: mean test accuracy over seeds per variant (95% t-interval), best first; p: stratified "
                  "McNemar (CMH, exact) against the best" if repeated else
                  "suite: test accuracy per variant, best first; p: McNemar's exact test against the best")
