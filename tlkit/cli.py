@@ -335,6 +335,11 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 
     Columns: variant, run id, status, test_accuracy, best val_accuracy of any epoch, epochs run,
     duration in seconds, dataset and its digest (the table shows its first 12 characters).
+    Each has its 95% Wilson interval and, against the best, the difference and McNemar's exact p.
+    A variant run with --repeats is one row: the mean over its seeds (ranked on it), their sd, the
+    95% t-interval and the number of seeds; its p against the best is the stratified McNemar test
+    (Cochran-Mantel-Haenszel over seed pairings, exact; p_cmh) and p_floor the smallest p its
+    disagreements could give.
 
     Example: tlkit compare --experiment suite --format csv > runs.csv
     """
@@ -365,6 +370,15 @@ def promote_command(experiment: str | None, suite_run: str | None, dataset_diges
     weighed by test accuracy alone, and the output says so. The decision, the gain with its 95%
     interval, the p-value and per-class changes are printed, tagged on the version and logged as
     promotion/ on the candidate's run. Promoting twice in a row registers nothing new.
+
+    With variants run with --repeats, those compete on their mean test accuracy over seeds (a
+    single run then sits out: one seed is no match for a mean); the
+    best one's best-validation seed is registered (its tags and description: the variant, the
+    seeds, the mean and its 95% t-interval), and it replaces the champion only if the mean gain
+    reaches --min-gain and the stratified McNemar test (Cochran-Mantel-Haenszel over the seed
+    pairings, seed k with the champion's seed k; exact conditional p, whose floor 2/2^N for N
+    disagreements is printed) is below --significance. The report goes to promotion/ on the
+    variant's parent run.
 
     Example: tlkit promote --experiment suite --model-name cifar10-vgg16
     """
