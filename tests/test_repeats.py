@@ -235,6 +235,8 @@ def test_train_repeats_makes_seed_runs_under_one_parent_with_their_aggregate(tra
         ("0", "1995", "1995"), ("1", "1996", "1995"), ("2", "1997", "1995")]
     assert {s.data.tags["dataset_digest"] for s in seeds} == {parent.data.tags["dataset_digest"]}
     assert all(s.info.status == "FINISHED" and s.data.tags["variant"] == "baseline" for s in seeds)
+    assert [s.info.run_name for s in seeds] == ["baseline-seed1995", "baseline-seed1996", "baseline-seed1997"]
+    assert parent.info.run_name == "baseline"
     accuracies = [s.data.metrics["test_accuracy"] for s in seeds]
     vals = [max(m.value for m in client.get_metric_history(s.info.run_id, "val_accuracy")) for s in seeds]
     m = parent.data.metrics

@@ -1,7 +1,7 @@
 """One variant at N seeds: each seed a run of its own, grouped under one parent run that logs the aggregate.
 
     <variant>  (parent run; tags tlkit.repeats=N, variant, dataset_digest)
-      <variant>  seed 1995, 1996, ...   (ordinary train runs; tags tlkit.repeat=k, tlkit.repeat_seed)
+      <variant>-seed1995, -seed1996, ... (ordinary train runs; tags tlkit.repeat=k, tlkit.repeat_seed)
       <variant>  the search, first       (a search variant, tune: tlkit.repeat=search; its best
                                           configuration is what the seeds then train)
 
@@ -116,7 +116,8 @@ def run(variant: str, spec: dict, repeats: int, *, experiment: str | None = None
                                 f"{first.digest[:12]}): the repeats cannot be paired")
             try:
                 result = train.train(variant, one, cache_dir=cache_dir, nested=True, dataset=dataset,
-                                     tags={REPEAT_OF: parent_id, REPEAT: str(index), REPEAT_SEED: str(one["seed"])})
+                                     tags={REPEAT_OF: parent_id, REPEAT: str(index), REPEAT_SEED: str(one["seed"])},
+                                     run_name=f"{name}-seed{one['seed']}")
             finally:
                 datasets[index] = None  # one seed's split in memory at a time, unless the caller holds them
                 keras.backend.clear_session()  # drop the finished seed's graph and weights

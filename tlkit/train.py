@@ -288,23 +288,25 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
-          nested: bool = False, dataset=None, cache_below: str = "", tags: dict | None = None) -> Result:
+          nested: bool = False, dataset=None, cache_below: str = "", tags: dict | None = None,
+          run_name: str = "") -> Result:
     """Run one variant with a validated spec and log everything to MLflow, its layers built in the
     spec's precision (models.precision) and its strategy's scope (distribute.scope). See _train."""
     with models.precision(spec), distribute.scope(spec):
         return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
-                      cache_below=cache_below, extra_tags=tags or {})
+                      cache_below=cache_below, extra_tags=tags or {}, run_name=run_name)
 
 
 def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str | None, nested: bool, dataset,
-           cache_below: str, extra_tags: dict) -> Result:
+           cache_below: str, extra_tags: dict, run_name: str) -> Result:
     """Run one variant with a validated spec and log everything to MLflow.
 
     dataset: load_dataset(spec) done already (a suite loads once for all its children).
-    extra_tags: set on the run as it starts (a repeat's index and seed: tlkit/repeats.py).
     cache_below: where the features are not cached, the pass stops below this block (an
     `unfreeze` value) and derives the network's own from there (frozen_features), for fine-tuning
-    runs after it on the same images (the recipe search)."""
+    runs after it on the same images (the recipe search).
+    extra_tags: set on the run as it starts (a repeat's index and seed: tlkit/repeats.py).
+    run_name: the run's name (default: the variant's; a repeat's is `<variant>-seed<seed>`)."""
     import keras
     import mlflow
 
@@ -320,7 +322,7 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     tracking.autolog()
 
     tags = tracking.run_tags(spec, dataset, variant=Path(variant).stem, **extra_tags)
-    with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:
+    with tracking.run(run_name or Path(variant).stem, nested=nested, tags=tags) as active:
         tracking.log_run_preamble(spec, dataset, tags, spec_file=specs.variant_path(variant))
 
         head_inputs = None
