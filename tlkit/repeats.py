@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def aggregate(test_accuracies, val_accuracies) -> dict:
         mean, sd, low, high = stats.mean_interval(values)
         metrics.update({f"{name}_mean": mean, f"{name}_sd": sd, f"{name}_ci_low": low, f"{name}_ci_high": high})
     metrics["test_accuracy"] = metrics["test_accuracy_mean"]  # the runs table's usual column
-    return {k: v for k, v in metrics.items() if v is not None}
+    return {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}  # one seed: no sd
 
 
 def run(variant: str, spec: dict, repeats: int, *, experiment: str | None = None, cache_dir: str | None = None,
