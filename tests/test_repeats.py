@@ -75,6 +75,19 @@ def test_the_mean_interval_is_scipys_t_interval(values):
     assert stats.mean_interval([0.6])[2:] == (None, None)
 
 
+def test_seeds_pair_by_their_index_and_only_on_the_same_test_images():
+    truth = np.array([0, 1, 2, 0, 1, 2])
+
+    def scored(predicted, digest=DIGEST):
+        return stats.Predictions(truth, np.array(predicted), np.ones(6), list(CLASSES), digest)
+
+    best = {0: scored([0, 1, 2, 0, 1, 2]), 2: scored([0, 1, 2, 0, 0, 0])}  # seed 1 of the best did not finish
+    other = {0: scored([0, 0, 0, 0, 1, 2]), 1: scored([1, 1, 1, 1, 1, 1]), 2: scored([0, 1, 2, 0, 1, 2])}
+    paired = compare.pair_seeds(best, other)
+    assert [(s.only_a, s.only_b) for s in paired.strata] == [(2, 0), (0, 2)]  # indices 0 and 2, not 0 and 1
+    assert compare.pair_seeds(best, {0: scored([0] * 6, digest="f" * 64)}) is None  # other images: no pairing
+
+
 # --------------------------------------------------------------------------- the repeats' data
 
 def test_repeats_share_the_sampled_images_and_not_the_validation_split(image_folder):

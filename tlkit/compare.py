@@ -82,19 +82,20 @@ def _repeated_row(client, run, seeds: list) -> dict:
     return row
 
 
-def seed_predictions(run, seeds: list | None) -> list:
-    """A row's per-image test predictions, one per seed in seed order (None for a seed without
-    them); a single run's is a list of one."""
+def seed_predictions(run, seeds: list | None) -> dict:
+    """A row's per-image test predictions by seed index (None for a seed without them); a single
+    run's is that of seed 0."""
     if seeds is None:
-        return [tracking.load_predictions(run.info.run_id)]
-    return [tracking.load_predictions(seed.info.run_id) for seed in seeds]
+        return {0: tracking.load_predictions(run.info.run_id)}
+    return {int(seed.data.tags[runs.REPEAT]): tracking.load_predictions(seed.info.run_id) for seed in seeds}
 
 
-def pair_seeds(best: list, other: list) -> stats.Stratified | None:
-    """`other` against `best` seed by seed (seed k with seed k, as many pairings as the shorter
-    has), each pairing a stratum where both were scored on the same test images; None if none is."""
-    return stats.stratify(b.paired_with(o) if b is not None and o is not None else None
-                          for b, o in zip(best, other))
+def pair_seeds(best: dict, other: dict) -> stats.Stratified | None:
+    """`other` against `best` seed by seed (seed index k with seed index k, for the indices both
+    finished), each pairing a stratum where both were scored on the same test images; None if none is."""
+    both = sorted(set(best) & set(other))
+    return stats.stratify(best[k].paired_with(other[k]) if best[k] is not None and other[k] is not None else None
+                          for k in both)
 
 
 def finished_seeds(parent) -> list:
@@ -123,7 +124,7 @@ def compare(experiment: str | None = None, suite: str | None = None) -> list[dic
         got = predictions.get(row["run_id"])
         if got is not None and row["run_id"] not in seeds and got[0] is not None:
             row["test_accuracy_low"], row["test_accuracy_high"] = got[0].interval()
-    best = next((r for r in rows if any(p is not None for p in predictions.get(r["run_id"], []))), None)
+    best = next((r for r in rows if any(p is not None for p in predictions.get(r["run_id"], {}).values())), None)
     repeated = bool(seeds)
     for row in rows:
         if repeated:

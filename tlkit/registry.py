@@ -428,9 +428,9 @@ def _repeated_description(parent, seed, val: float | None, digest: str) -> str:
             + f". From run {seed.info.run_id} of repeats run {parent.info.run_id}.")
 
 
-def _champion_seeds(client, champion) -> tuple[float | None, list, int]:
-    """The champion's aggregate test accuracy, its per-seed predictions (seed order) and its number
-    of seeds: a repeated variant's from its parent run, a single run's as one seed."""
+def _champion_seeds(client, champion) -> tuple[float | None, dict, int]:
+    """The champion's aggregate test accuracy, its per-image predictions by seed index and its
+    number of seeds: a repeated variant's from its parent run, a single run's as seed 0."""
     from mlflow.exceptions import MlflowException
 
     parent_id = champion.tags.get(REPEATS_RUN_TAG)
@@ -444,7 +444,7 @@ def _champion_seeds(client, champion) -> tuple[float | None, list, int]:
         if parent is not None:
             seeds = compare.finished_seeds(parent)
             return float(champion.tags["test_accuracy_mean"]), compare.seed_predictions(parent, seeds), len(seeds)
-    return _champion_accuracy(client, champion), [tracking.load_predictions(champion.run_id or "")], 1
+    return _champion_accuracy(client, champion), {0: tracking.load_predictions(champion.run_id or "")}, 1
 
 
 def _promote_repeated(client, groups: list, experiment: str | None, suite: str | None, dataset_digest: str | None,
