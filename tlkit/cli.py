@@ -23,7 +23,7 @@ import click
 from tlkit import __version__
 from tlkit.cli_errors import friendly_errors, terminate_as_interrupt
 from tlkit.cli_options import (cache_dir_option, common_options, experiment_option, gate_options, model_name_option,
-                               pretrain_options, ray_options, search_options, spec_options)
+                               pretrain_options, ray_options, repeats_option, search_options, spec_options)
 
 log = logging.getLogger("tlkit")
 
@@ -59,26 +59,47 @@ def variants_command() -> None:
 @main.command("train")
 @click.argument("variant")
 @spec_options
+@repeats_option
 @experiment_option
 @cache_dir_option
 @friendly_errors
-def train_command(variant: str, experiment: str | None, cache_dir: str | None, **overrides) -> None:
+def train_command(variant: str, repeats: int, experiment: str | None, cache_dir: str | None, **overrides) -> None:
     """Train VARIANT (a name from `tlkit variants`, or a .toml spec file) and log it to MLflow.
 
-    A variant with a [search] table (tune) runs its search, as `tlkit tune VARIANT` does.
+    A variant with a [search] table (tune) runs its search, as `tlkit tune VARIANT` does. With
+    --repeats N, N runs at seed, seed+1, ... under one parent run that logs their mean, sd and
+    95% t-interval (a search runs once, its best configuration at the N seeds).
 
-    Example: tlkit train conv_head --data /data/cifar10 --epochs 5
+    Example: tlkit train conv_head --data /data/cifar10 --epochs 5 --repeats 3
     """
     from tlkit import spec as specs
 
     if specs.variant_search(variant) is not None:  # a search variant (tune): its settings as the file says
-        _search(variant, overrides, {}, experiment=experiment, cache_dir=cache_dir)
+        _search(variant, overrides, {}, experiment=experiment, cache_dir=cache_dir, repeats=repeats)
         return
     spec = specs.load(variant, overrides)  # every check happens before data is loaded or a run is made
+    if repeats > 1:
+        _repeat(variant, spec, repeats, {}, experiment=experiment, cache_dir=cache_dir)
+        return
     from tlkit.train import train
 
     result = train(variant, spec, experiment=experiment, cache_dir=cache_dir)
     click.echo(f"run {result.run_id}: test_accuracy {result.test_accuracy:.4f}  model {result.model_uri}")
+
+
+def _repeat(variant: str, spec: dict, repeats: int, search_options: dict, *, experiment: str | None,
+            cache_dir: str | None) -> None:
+    """VARIANT at `repeats` seeds (tlkit/repeats.py): a line per seed's run, then the parent's aggregate."""
+    from tlkit import repeats as repeating
+
+    result = repeating.run(variant, spec, repeats, experiment=experiment, cache_dir=cache_dir,
+                           search_options=search_options)
+    for seed in result.seeds:
+        click.echo(f"run {seed.run_id}: test_accuracy {seed.test_accuracy:.4f}  model {seed.model_uri}")
+    m = result.metrics
+    click.echo(f"run {result.run_id}: test_accuracy mean {m['test_accuracy_mean']:.4f} over {repeats} seeds "
+               f"(sd {m['test_accuracy_sd']:.4f}, 95% t-interval {m['test_accuracy_ci_low']:.4f}-"
+               f"{m['test_accuracy_ci_high']:.4f})")
 
 
 # --- features: the base's pass, here or across a Ray cluster (tlkit/cluster.py) --------------------
@@ -158,11 +179,12 @@ def pretrain_command(output: str | None, experiment: str | None, **overrides) ->
 @click.argument("variant", default="tune")
 @spec_options
 @search_options
+@repeats_option
 @experiment_option
 @cache_dir_option
 @friendly_errors
 def tune_command(variant: str, max_trials: int | None, executions_per_trial: int | None, tuner: str | None,
-                 workers: int, search_dir: str | None, experiment: str | None, cache_dir: str | None,
+                 workers: int, search_dir: str | None, repeats: int, experiment: str | None, cache_dir: str | None,
                  **overrides) -> None:
     """Search the head with keras-tuner: VARIANT is a variant with a [search] table (default: tune,
     the seed's search of units 256..1024, l2 and learning rate 1e-4..1e-2, log).
@@ -171,15 +193,17 @@ def tune_command(variant: str, max_trials: int | None, executions_per_trial: int
     parent run, one nested run per trial; the best trial's whole network is evaluated and logged
     as `model`. With KERASTUNER_ORACLE_IP, _PORT and _TUNER_ID=tunerK (and TLKIT_PARENT_RUN_ID) set,
     this runs as a worker for that chief instead; with _TUNER_ID=chief it serves the oracle there.
+    With --repeats N the search runs once (in this process) and its best configuration trains at
+    N seeds under one parent run.
 
     Example: tlkit tune --data /data/cifar10 --max-trials 12 --tuner bayesian --workers 2
     """
     _search(variant, overrides, dict(max_trials=max_trials, executions_per_trial=executions_per_trial, tuner=tuner),
-            workers=workers, search_dir=search_dir, experiment=experiment, cache_dir=cache_dir)
+            workers=workers, search_dir=search_dir, experiment=experiment, cache_dir=cache_dir, repeats=repeats)
 
 
 def _search(variant: str, overrides: dict, settings: dict, *, workers: int = 0, search_dir: str | None = None,
-            experiment: str | None, cache_dir: str | None) -> None:
+            experiment: str | None, cache_dir: str | None, repeats: int = 1) -> None:
     """A search variant, as `tlkit tune` and `tlkit train` run it."""
     from tlkit import spec as specs, tune
 
@@ -188,6 +212,12 @@ def _search(variant: str, overrides: dict, settings: dict, *, workers: int = 0, 
     if searched:
         raise specs.SpecError(f"{', '.join(searched)}: the search sets these (the variant's [search.space])")
     spec = specs.load(variant, overrides)  # every check before data is loaded or a run is made
+    if repeats > 1:
+        if workers or search_dir or tune.role() != "single":
+            raise specs.SpecError("--repeats runs its one search in this process: without --workers, "
+                                  "--search-dir or keras-tuner's chief/worker variables")
+        _repeat(variant, spec, repeats, settings, experiment=experiment, cache_dir=cache_dir)
+        return
     if tune.role() == "worker":
         if workers:
             raise specs.SpecError("a worker cannot start workers: --workers must be 0")
@@ -255,6 +285,7 @@ def _echo_promotion(promotion) -> None:
               help="comma-separated variants to run, in order; 'all' = finetune,baseline,conv_head,l2,sgd,"
                    "dropout,tune,augment")
 @common_options
+@repeats_option
 @experiment_option
 @cache_dir_option
 @click.option("--promote/--no-promote", default=True, help="register the best variant's model and "
@@ -262,15 +293,16 @@ def _echo_promotion(promotion) -> None:
 @model_name_option
 @gate_options
 @friendly_errors
-def suite_command(variants: str, experiment: str | None, cache_dir: str | None, promote: bool,
+def suite_command(variants: str, repeats: int, experiment: str | None, cache_dir: str | None, promote: bool,
                   model_name: str | None, min_gain: float, significance: float, **overrides) -> None:
     """Run every variant as a child of one suite run, compare them, promote the best.
 
     The options given pass to every variant; each keeps its own value of the rest. Prints the
     comparison table (also logged on the suite run with a chart). Exits 1 if any variant failed,
-    after comparing and promoting among the others.
+    after comparing and promoting among the others. With --repeats N each variant is a parent run
+    of N seeds' runs, compared and promoted on its mean (docs/repeats.md).
 
-    Example: tlkit suite --data /data/cifar10 --variants baseline,conv_head,finetune --epochs 5
+    Example: tlkit suite --data /data/cifar10 --variants baseline,conv_head,finetune --epochs 5 --repeats 3
     """
     from tlkit import compare, registry, suite
 
@@ -279,7 +311,8 @@ def suite_command(variants: str, experiment: str | None, cache_dir: str | None, 
     suite.child_specs(names, overrides)  # every spec checked before anything is loaded or logged
     try:
         result = suite.run_suite(names, overrides, experiment=experiment, cache_dir=cache_dir, promote=promote,
-                                 model_name=model_name, min_gain=min_gain, significance=significance)
+                                 model_name=model_name, min_gain=min_gain, significance=significance,
+                                 repeats=repeats)
         failure = None
     except suite.SuiteError as err:
         result, failure = err.result, err
@@ -302,6 +335,11 @@ def compare_command(experiment: str | None, suite_run: str | None, fmt: str) -> 
 
     Columns: variant, run id, status, test_accuracy, best val_accuracy of any epoch, epochs run,
     duration in seconds, dataset and its digest (the table shows its first 12 characters).
+    Each has its 95% Wilson interval and, against the best, the difference and McNemar's exact p.
+    A variant run with --repeats is one row: the mean over its seeds (ranked on it), their sd, the
+    95% t-interval and the number of seeds; its p against the best is the stratified McNemar test
+    (Cochran-Mantel-Haenszel over seed pairings, exact; p_cmh) and p_floor the smallest p its
+    disagreements could give.
 
     Example: tlkit compare --experiment suite --format csv > runs.csv
     """
@@ -332,6 +370,15 @@ def promote_command(experiment: str | None, suite_run: str | None, dataset_diges
     weighed by test accuracy alone, and the output says so. The decision, the gain with its 95%
     interval, the p-value and per-class changes are printed, tagged on the version and logged as
     promotion/ on the candidate's run. Promoting twice in a row registers nothing new.
+
+    With variants run with --repeats, those compete on their mean test accuracy over seeds (a
+    single run then sits out: one seed is no match for a mean); the
+    best one's best-validation seed is registered (its tags and description: the variant, the
+    seeds, the mean and its 95% t-interval), and it replaces the champion only if the mean gain
+    reaches --min-gain and the stratified McNemar test (Cochran-Mantel-Haenszel over the seed
+    pairings, seed k with the champion's seed k; exact conditional p, whose floor 2/2^N for N
+    disagreements is printed) is below --significance. The report goes to promotion/ on the
+    variant's parent run.
 
     Example: tlkit promote --experiment suite --model-name cifar10-vgg16
     """

@@ -67,13 +67,22 @@ cache_dir_option = click.option("--cache-dir", default=None, envvar="TLKIT_CACHE
 model_name_option = click.option("--model-name", default=None,
                                  help="registered model name  [default: <dataset>-<base>, e.g. cifar10-vgg16]")
 
+# `train`, `tune` and `suite`: every variant at several seeds (tlkit/repeats.py).
+repeats_option = click.option(
+    "--repeats", type=click.IntRange(min=1), default=1,
+    help="train each variant at this many seeds: seed, seed+1, ... for the validation split, initialisation and "
+         "batch order (the limit samples keep the seed: the same test images), each a run nested under one parent "
+         "run per variant that logs mean, sd and a 95% t-interval across seeds; 1 = one run, as before")
+
 # The promotion gate, shared by `suite` and `promote` (registry.promote).
 _gate_options = [
     click.option("--min-gain", type=float, default=0.0,
-                 help="points of test accuracy the best run must gain over @champion to replace it"),
+                 help="points of test accuracy the best run (with --repeats: the best mean over seeds) must gain "
+                      "over @champion to replace it"),
     click.option("--significance", type=float, default=0.05,
-                 help="McNemar's exact p (paired per-image test predictions) must be below this to replace "
-                      "@champion; 1 = any gain"),
+                 help="the paired test's p must be below this to replace @champion: McNemar's exact test on the two "
+                      "runs' per-image test predictions, or, for variants run with --repeats, its stratified form "
+                      "(Cochran-Mantel-Haenszel, exact conditional p) over the seed pairings; 1 = any gain"),
 ]
 
 gate_options = _stacked(_gate_options)

@@ -82,6 +82,18 @@ class Dataset:
             object.__setattr__(self, "train_rows", np.arange(len(self.x_train)))
             object.__setattr__(self, "val_rows", len(self.x_train) + np.arange(len(self.x_val)))
 
+    def with_split(self, split_seed: int) -> Dataset:
+        """The same images (the same pool, test images and digest) split off at another seed: a
+        repeat's data without loading (decoding, scanning) them again."""
+        import dataclasses
+
+        train_rows, val_rows = split_rows(len(self.x_pool), split_seed)
+        pool_labels = np.concatenate([self.y_train, self.y_val])[np.argsort(np.concatenate([self.train_rows,
+                                                                                           self.val_rows]))]
+        return dataclasses.replace(self, x_train=self.x_pool.take(train_rows), y_train=pool_labels[train_rows],
+                                   x_val=self.x_pool.take(val_rows), y_val=pool_labels[val_rows],
+                                   train_rows=train_rows, val_rows=val_rows)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -112,8 +124,9 @@ def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
         stratified by class and deterministically from `seed`.
     classes: use only these class names, in this order (label i = classes[i]);
         a string is read as a comma-separated list. Empty = all classes.
-    seed: drives the `limit` samples and, unless split_seed is given, the 10% validation split.
-    split_seed: drives the validation split alone (repeats: other splits of the same sampled images).
+    seed: drives the `limit` samples (and, unless split_seed is given, the validation split).
+    split_seed: drives the 10% validation split alone (default: seed). Repeats of a run at several
+        seeds keep `seed` and change this: the same images (one digest), other validation splits.
     """
     split_seed = seed if split_seed is None else split_seed
     _check_count("image_size", image_size, minimum=1)
@@ -123,6 +136,7 @@ def load(data: str, image_size: int = 32, limit: int = 0, test_limit: int = 0,
         # MLflow passes parameters as strings, e.g. "cat,dog".
         classes = [name.strip() for name in classes.split(",") if name.strip()]
     classes = tuple(str(name) for name in classes)
+    split_seed = seed if split_seed is None else split_seed
 
     if data == "cifar10":
         raw = _read_cifar10()

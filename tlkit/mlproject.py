@@ -1,8 +1,9 @@
 """Writes MLproject from the specs, so its parameters and defaults cannot drift from them.
 
 Every variant entry point takes the common parameters plus the ones its experiments/ file sets
-(and `units`, the head's width, everywhere but where a search sets it); a search variant (tune)
-takes its search settings too and runs `tlkit tune`. Run `python -m tlkit.mlproject > MLproject` after
+(and `units`, the head's width, everywhere but where a search sets it), and `repeats` (the seeds
+to train at, tlkit/repeats.py; 1 = one run); a search variant (tune) takes its search settings
+too and runs `tlkit tune`. Run `python -m tlkit.mlproject > MLproject` after
 changing a spec; a test checks that the committed file is current.
 """
 
@@ -35,6 +36,7 @@ def variant_parameters(variant: str) -> dict:
     if search is not None:
         params.update({name: search[name] for name in ("max_trials", "executions_per_trial", "tuner") if name in search})
         params["workers"] = 0
+    params["repeats"] = 1
     return params
 
 
@@ -76,7 +78,7 @@ TOOL_ENTRY_POINTS["recipe"] = _recipe_entry_point()
 
 
 def _suite_entry_point() -> tuple[str, dict, str]:
-    params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "model_name": "",
+    params = {"variants": "all", **{name: specs.DEFAULTS[name] for name in COMMON}, "repeats": 1, "model_name": "",
               "min_gain": 0.0, "significance": 0.05}  # the promotion gate (registry.promote)
     options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return ("the main job: every variant (or a comma-separated subset) as a child run, compared, "

@@ -10,6 +10,12 @@ promote: among FINISHED runs that logged a model and a test accuracy on one data
     either way, so runs on different digests never compete, and a champion tested on another
     digest is kept unless forced. Promoting twice in a row changes nothing: a run already
     registered is not registered again.
+    With repeated variants among the candidates (tlkit/repeats.py), they compete on their mean
+    test accuracy over seeds (single runs do not: one seed is no match for a mean); the best
+    variant's best-validation seed's model is registered, and it replaces the champion only if the
+    mean gain reaches `min_gain` and the stratified McNemar test (stats.Stratified, exact) over
+    the seed pairings with the champion's seeds (a champion of one run: one pairing) is below
+    `significance`.
 predict / download: the pyfunc in serving.py, from any model URI (`models:/NAME@champion`).
 
 Every function talks to the tracking server named by MLflow's own rules (MLFLOW_TRACKING_URI)."""
@@ -29,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit import reports, stats, tracking
+from tlkit import compare, reports, runs as found_runs, stats, tracking
 from tlkit.messages import first_line
-from tlkit.runs import RegistryError, experiment_name, logged_models, variant_runs
+from tlkit.runs import REPEAT, REPEATS, RegistryError, experiment_name, logged_models, variant_runs
 from tlkit.serving import COLUMN, UNREADABLE, decode
 
 
@@ -56,6 +62,8 @@ class Promotion:
     message: str  # what was decided and why, one line
     # The comparison with the champion it was weighed against (promotion_report), when there was one.
     report: dict | None = None
+    seeds: int = 0  # a repeated variant's: how many seeds test_accuracy (their mean) is over; 0: one run
+    repeats_run_id: str = ""  # a repeated variant's parent run (run_id is its registered seed's)
 
 
 def default_model_name(dataset: str, base: str) -> str:
@@ -173,6 +181,10 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         check_model_name(model_name)  # before anything is searched or registered
     check_gate(min_gain, significance)
     client = mlflow.MlflowClient()
+    groups = repeated_candidates(experiment, suite)
+    if groups:
+        return _promote_repeated(client, groups, experiment, suite, dataset_digest, model_name, force=force,
+                                 min_gain=min_gain, significance=significance)
     best, digest = _best_candidate(experiment, suite, dataset_digest)
     tags, accuracy = best.data.tags, float(best.data.metrics["test_accuracy"])
     name = model_name or default_model_name(tags.get("dataset", "data"), tags.get("base", "model"))
@@ -187,13 +199,17 @@ def promote(experiment: str | None = None, suite: str | None = None, dataset_dig
         client.update_model_version(name, version.version, description=_description(
             best, accuracy, digest, candidate_predictions()) + (
             f" It became @{CHAMPION}: there was none." if champion is None else f" {message}."))
+    return _settle(client, name, version, champion, move, run_id=best.info.run_id, variant=tags.get("variant", ""),
+                   test_accuracy=accuracy, dataset_digest=digest, registered=registered, message=message,
+                   report=report)
+
+
+def _settle(client, name: str, version, champion, move: bool, **decided) -> Promotion:
+    """Move @champion to `version` if `move`; the Promotion, with the version that holds it now."""
     if move:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    return Promotion(name=name, version=str(version.version), run_id=best.info.run_id,
-                     variant=tags.get("variant", ""), test_accuracy=accuracy, dataset_digest=digest,
-                     registered=registered, promoted=move,
-                     champion=str(version.version) if move else (str(champion.version) if champion else ""),
-                     message=message, report=report)
+    return Promotion(name=name, version=str(version.version), promoted=move,
+                     champion=str(version.version) if move else (str(champion.version) if champion else ""), **decided)
 
 
 def _best_candidate(experiment: str | None, suite: str | None, dataset_digest: str | None):
@@ -210,9 +226,10 @@ def _best_candidate(experiment: str | None, suite: str | None, dataset_digest: s
     return best, digest
 
 
-def _register(client, name: str, best, digest: str):
+def _register(client, name: str, best, digest: str, extra_tags: dict | None = None):
     """The best run's model version under `name`, and whether it is new: a run registered before keeps
-    its first version, so that promoting twice registers nothing new."""
+    its first version, so that promoting twice registers nothing new. extra_tags: more version tags
+    (a repeated variant's aggregate)."""
     import mlflow
 
     existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == best.info.run_id]
@@ -221,7 +238,8 @@ def _register(client, name: str, best, digest: str):
     tags, accuracy = best.data.tags, float(best.data.metrics["test_accuracy"])
     model = logged_models([best.info.experiment_id])[best.info.run_id]
     version_tags = {"variant": tags.get("variant", ""), "test_accuracy": repr(accuracy),
-                    "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id}
+                    "dataset": tags.get("dataset", ""), "dataset_digest": digest, "run_id": best.info.run_id,
+                    **(extra_tags or {})}
     version = mlflow.register_model(model.model_uri, name, tags=version_tags)
     log.info("registered %s version %s from run %s (%s)", name, version.version, best.info.run_id,
              tags.get("variant"))
@@ -252,16 +270,11 @@ def _decide(client, name: str, version, champion, best, digest: str, candidate_p
     if champion is None:
         return True, f"{said} is now @{CHAMPION} (there was none)", None
     held = _champion_accuracy(client, champion)
-    other = champion.tags.get("dataset_digest", "")
     was = f"v{champion.version} ({champion.tags.get('variant', '?')}, test_accuracy " + \
           (f"{held:.4f})" if held is not None else "unknown)")
-    if other != digest or held is None:
-        why = (f"was tested on another dataset (digest {other[:12] or 'unknown'})" if other != digest
-               else "has no test_accuracy")
-        message = (f"{said} replaces @{CHAMPION} {was}, which {why} (forced)" if force else
-                   f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
-                   "compared (--force replaces it)")
-        return force, message, None
+    refused = _not_comparable(said, was, champion, digest, held, force)
+    if refused is not None:
+        return *refused, None
     report = promotion_report(candidate_predictions(), champion, best.info.run_id, accuracy, held,
                               min_gain, significance)
     move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
@@ -270,6 +283,19 @@ def _decide(client, name: str, version, champion, best, digest: str, candidate_p
     report.update(promoted=move, candidate_version=str(version.version), message=message)
     _record(client, name, version, best, report, candidate_predictions())
     return move, message, report
+
+
+def _not_comparable(said: str, was: str, champion, digest: str, held: float | None, force: bool):
+    """(move, message) when the champion cannot be weighed against the candidate (tested on another
+    dataset digest, or without a test accuracy): kept unless forced; None when it can be."""
+    other = champion.tags.get("dataset_digest", "")
+    if other == digest and held is not None:
+        return None
+    why = f"was tested on another dataset (digest {other[:12] or 'unknown'})" if other != digest else "has no test_accuracy"
+    message = (f"{said} replaces @{CHAMPION} {was}, which {why} (forced)" if force else
+               f"{said} registered; @{CHAMPION} stays {was}: it {why}, so the two cannot be "
+               "compared (--force replaces it)")
+    return force, message
 
 
 def _description(run, accuracy: float, digest: str, predictions) -> str:
@@ -348,6 +374,182 @@ def _record(client, name: str, version, run, report: dict, predictions) -> None:
                                              f"candidate v{version.version} against @{CHAMPION} "
                                              f"v{report['champion_version']}")
         mlflow.MlflowClient().log_artifacts(run.info.run_id, str(folder), "promotion")
+
+
+# --- promote repeated variants: on the aggregate -------------------------------------------------
+
+# The version tags that carry a repeated variant's aggregate: what a later promotion weighs it by.
+REPEATS_RUN_TAG = "repeats_run_id"
+REPEATED_TEST = "stratified McNemar (Cochran-Mantel-Haenszel, exact conditional, two-sided) over the seed pairings"
+
+
+def repeated_candidates(experiment: str | None = None, suite: str | None = None) -> list:
+    """FINISHED repeated variants' parent runs with their aggregate and a dataset digest (their
+    seeds' models are checked when one is chosen)."""
+    return [r for r in variant_runs(experiment, suite, status="FINISHED") if REPEATS in r.data.tags
+            and "test_accuracy_mean" in r.data.metrics and r.data.tags.get("dataset_digest")]
+
+
+def _chosen_seed(client, parent):
+    """The parent's FINISHED seed with a logged model and the highest best validation accuracy (a
+    tie: the lower seed), and that accuracy; RegistryError when no seed logged a model."""
+    models = logged_models([parent.info.experiment_id])
+    seeds = [s for s in compare.finished_seeds(parent) if s.info.run_id in models]
+    if not seeds:
+        raise RegistryError(f"repeated variant {parent.data.tags.get('variant')} (run {parent.info.run_id}): no "
+                            "FINISHED seed run with a logged model")
+    scored = [(found_runs.best_val_accuracy(client, s), s) for s in seeds]
+    val, seed = max(scored, key=lambda vs: (vs[0] if vs[0] is not None else float("-inf"),
+                                            -int(vs[1].data.tags[REPEAT])))
+    return seed, val
+
+
+def _aggregate_tags(parent, seed, val: float | None) -> dict:
+    m = parent.data.metrics
+    return {REPEATS_RUN_TAG: parent.info.run_id, "n_seeds": str(int(m.get("n_seeds", 0))),
+            "test_accuracy_mean": repr(m["test_accuracy_mean"]), "test_accuracy_sd": repr(m.get("test_accuracy_sd")),
+            "test_accuracy_ci_low": repr(m.get("test_accuracy_ci_low")),
+            "test_accuracy_ci_high": repr(m.get("test_accuracy_ci_high")),
+            "seed": seed.data.tags.get(found_runs.REPEAT_SEED, ""), "seed_val_accuracy": repr(val)}
+
+
+def _repeated_description(parent, seed, val: float | None, digest: str) -> str:
+    """The version's paragraph: the variant, its seeds, their mean and interval, which seed it is."""
+    tags, m = parent.data.tags, parent.data.metrics
+    low, high = m.get("test_accuracy_ci_low"), m.get("test_accuracy_ci_high")
+    interval = f" (95% t-interval across seeds {100 * low:.2f}-{100 * high:.2f}%)" if low is not None else ""
+    own = seed.data.metrics.get("test_accuracy")
+    return (f"{tags.get('variant', '?')} variant at {int(m.get('n_seeds', 0))} seeds, {tags.get('base', '?')} base, "
+            f"trained on {tags.get('dataset', '?')} (dataset digest {digest}): mean test accuracy "
+            f"{100 * m['test_accuracy_mean']:.2f}%{interval}. This version is seed "
+            f"{seed.data.tags.get(found_runs.REPEAT_SEED, '?')}'s model, the best validation accuracy of the seeds"
+            + (f" ({100 * val:.2f}%)" if val is not None else "")
+            + (f", test accuracy {100 * own:.2f}%" if own is not None else "")
+            + f". From run {seed.info.run_id} of repeats run {parent.info.run_id}.")
+
+
+def _champion_seeds(client, champion) -> tuple[float | None, dict, int]:
+    """The champion's aggregate test accuracy, its per-image predictions by seed index and its
+    number of seeds: a repeated variant's from its parent run, a single run's as seed 0."""
+    from mlflow.exceptions import MlflowException
+
+    parent_id = champion.tags.get(REPEATS_RUN_TAG)
+    if parent_id:
+        try:
+            parent = client.get_run(parent_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            parent = None
+        if parent is not None:
+            seeds = compare.finished_seeds(parent)
+            return float(champion.tags["test_accuracy_mean"]), compare.seed_predictions(parent, seeds), len(seeds)
+    return _champion_accuracy(client, champion), {0: tracking.load_predictions(champion.run_id or "")}, 1
+
+
+def _promote_repeated(client, groups: list, experiment: str | None, suite: str | None, dataset_digest: str | None,
+                      model_name: str | None, *, force: bool, min_gain: float, significance: float) -> Promotion:
+    """promote among repeated variants: the best mean wins, its best-validation seed is registered,
+    and @champion moves if the mean gain reaches min_gain and the stratified test is significant."""
+    where = f"suite run {suite}" if suite else f"experiment {experiment_name(experiment)}"
+    digest = _pick_digest(groups, dataset_digest, where)
+    # The highest mean; on a tie the earlier parent, so that promoting again picks the same one.
+    parent = max((g for g in groups if g.data.tags["dataset_digest"] == digest),
+                 key=lambda g: (g.data.metrics["test_accuracy_mean"], -g.info.start_time))
+    seed, val = _chosen_seed(client, parent)
+    tags, mean = parent.data.tags, float(parent.data.metrics["test_accuracy_mean"])
+    seeds = int(parent.data.metrics.get("n_seeds", 0))
+    name = model_name or default_model_name(tags.get("dataset", "data"), tags.get("base", "model"))
+    version, registered = _register(client, name, seed, digest, _aggregate_tags(parent, seed, val))
+    champion = _current_champion(client, name)
+    said = (f"{name} v{version.version} ({tags.get('variant')}, mean test_accuracy {mean:.4f} over {seeds} seeds; "
+            f"seed {seed.data.tags.get(found_runs.REPEAT_SEED, '?')}'s model)")
+    description = _repeated_description(parent, seed, val, digest)
+    report = None
+    if champion is not None and str(champion.version) == str(version.version):
+        move, message = False, f"{said} is already @{CHAMPION}"
+    elif champion is None:
+        move, message = True, f"{said} is now @{CHAMPION} (there was none)"
+    else:
+        move, message, report = _decide_repeated(client, name, version, champion, parent, digest, said,
+                                                 force=force, min_gain=min_gain, significance=significance)
+    if registered:
+        verdict = (f" It became @{CHAMPION}: there was none." if champion is None else
+                   f" {message}." if report is None else
+                   f" {'It beat' if report['promoted'] else 'It did not beat'} @{CHAMPION} "
+                   f"v{report['champion_version']}: {report['reason']}.")
+        client.update_model_version(name, version.version, description=description + verdict)
+    if report is not None:
+        _record_repeated(client, name, version, parent, report)
+    return _settle(client, name, version, champion, move, run_id=seed.info.run_id, variant=tags.get("variant", ""),
+                   test_accuracy=mean, dataset_digest=digest, registered=registered, message=message, report=report,
+                   seeds=seeds, repeats_run_id=parent.info.run_id)
+
+
+def _decide_repeated(client, name: str, version, champion, parent, digest: str, said: str, *, force: bool,
+                     min_gain: float, significance: float):
+    """Whether the repeated variant's version replaces `champion`, the sentence, and the report
+    (None when the two could not be weighed: another digest, no accuracy)."""
+    held, theirs, their_seeds = _champion_seeds(client, champion)
+    was = f"v{champion.version} ({champion.tags.get('variant', '?')}, " + (
+        "unknown test_accuracy)" if held is None else
+        f"mean test_accuracy {held:.4f} over {their_seeds} seeds)" if champion.tags.get(REPEATS_RUN_TAG) else
+        f"test_accuracy {held:.4f})")
+    refused = _not_comparable(said, was, champion, digest, held, force)
+    if refused is not None:
+        return *refused, None
+    mean = float(parent.data.metrics["test_accuracy_mean"])
+    mine = compare.seed_predictions(parent, compare.finished_seeds(parent))
+    paired = compare.pair_seeds(theirs, mine)
+    report = repeated_report(paired, champion, parent.info.run_id, mean, held, min_gain, significance)
+    move, verdict = (True, "forced") if force else (report["promoted"], report["reason"])
+    message = (f"{said} is now @{CHAMPION}, replacing {was}: {verdict}" if move else
+               f"{said} does not beat @{CHAMPION} {was}: {verdict}; champion kept")
+    report.update(promoted=move, candidate_version=str(version.version), message=message)
+    return move, message, report
+
+
+def repeated_report(paired, champion, parent_run: str, mean: float, held: float, min_gain: float,
+                    significance: float) -> dict:
+    """A repeated variant (its mean over seeds) weighed against the champion's aggregate (or its one
+    run): the gain of the means in points, and the stratified McNemar test over the seed pairings
+    (paired: compare.pair_seeds of the champion's seeds against the candidate's; None when no
+    pairing was scored on the same images, and the rule before per-image predictions applies)."""
+    gain = 100 * (mean - held)
+    rule = {"min_gain_points": float(min_gain), "significance": float(significance),
+            "champion_version": str(champion.version), "champion_run_id": champion.run_id or "",
+            "candidate_repeats_run_id": parent_run, "gain_points": gain}
+    if paired is None:
+        promoted = bool(mean > held)
+        return {**rule, "test": "none: higher test accuracy wins (the rule before per-image predictions)",
+                "promoted": promoted,
+                "reason": f"no seed pairing has per-image test predictions of the same test images, so the rule "
+                          f"before them applies: mean gain {gain:+.2f} pts{'' if promoted else ' is no gain'}"}
+    p = paired.p_value
+    big_enough, real = gain >= min_gain and gain > 0, p < significance
+    reason = (f"mean gain {gain:+.2f} pts, stratified McNemar (CMH, exact) p = {p:.3g} over {len(paired.strata)} "
+              f"seed pairing(s), {paired.disagreements} disagreements (smallest reachable p {paired.smallest_p:.2g})")
+    if not big_enough:
+        reason += f"; below the required {min_gain:g} pts" if gain > 0 else "; no gain"
+    elif not real:
+        reason += f", not below {significance:g}: within noise"
+    return {**rule, "test": REPEATED_TEST, "seed_pairings": len(paired.strata),
+            "only_candidate_right": paired.only_b, "only_champion_right": paired.only_a,
+            "statistic": paired.statistic, "p_value": p, "smallest_p": paired.smallest_p,
+            "promoted": bool(big_enough and real), "reason": reason}
+
+
+def _record_repeated(client, name: str, version, parent, report: dict) -> None:
+    """The decision on the version (tags) and as promotion/report.json on the repeated variant's parent run."""
+    tags = {"promotion_decision": "promoted" if report["promoted"] else "kept",
+            "promotion_against": report["champion_version"], "promotion_gain_points": f"{report['gain_points']:.4f}",
+            "promotion_test": report["test"]}
+    if "p_value" in report:
+        tags.update(promotion_p_value=f"{report['p_value']:.6g}", promotion_smallest_p=f"{report['smallest_p']:.6g}",
+                    promotion_seed_pairings=str(report["seed_pairings"]))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    client.log_dict(parent.info.run_id, report, "promotion/report.json")
 
 
 # --- use a model ------------------------------------------------------------------------------

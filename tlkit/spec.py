@@ -23,7 +23,11 @@ FIELDS: dict[str, tuple[object, str]] = {
     "image_size": (32, "images are resized to this square size (pixels)"),
     "limit": (0, "cap on training images, stratified; 0 = all"),
     "test_limit": (0, "cap on test images, stratified; 0 = all"),
-    "seed": (1995, "random seed: validation split, sampling, weight initialisation"),
+    "seed": (1995, "random seed: validation split, weight initialisation, batch order, and the limit samples "
+                   "unless sample_seed is set"),
+    # --repeats N trains at seed, seed+1, ...: each repeat's run keeps the first seed here, so all
+    # of them train and test on the same sampled images (one dataset digest) and can be paired.
+    "sample_seed": (0, "seed of the limit / test_limit samples alone; 0 = the seed"),
     # model
     "base": ("VGG16", "keras.applications base: VGG16, Xception, ResNet50, MobileNetV2, EfficientNetB0, "
                       "MobileNetV3Small"),
@@ -182,7 +186,7 @@ def validate(spec: dict) -> None:
 
     for key in ("epochs", "batch_size", "image_size", "units", "conv_filters"):
         need(spec[key] > 0, f"{key} must be a positive integer, got {spec[key]}")
-    for key in ("limit", "test_limit", "patience"):
+    for key in ("limit", "test_limit", "patience", "sample_seed"):
         need(spec[key] >= 0, f"{key} must be 0 or more, got {spec[key]}")
     need(spec["finetune_epochs"] >= 0, f"finetune_epochs must be 0 or more, got {spec['finetune_epochs']}")
     for key in ("learning_rate", "finetune_learning_rate"):

@@ -14,6 +14,10 @@ caches below the block it unfreezes and stores the base's output from those feat
 the same entry; augment adds one pass over the mirrored training images (its cached flips).
 The cost of one process: a child that crashes the interpreter (out of memory) ends the suite; a
 child that raises is marked FAILED, the suite goes on, and the suite fails at the end.
+
+With repeats N > 1 each child is a repeated variant (tlkit/repeats.py): a parent run per variant,
+nested under the suite's, with its N seeds' runs nested under it; the data of each seed is loaded
+once for all the variants, and comparison and promotion weigh the variants on their aggregates.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlkit import compare, registry, spec as specs, tracking, train, tune
+from tlkit import compare, registry, repeats as repeating, runs, spec as specs, tracking, train, tune
 from tlkit.messages import first_line
 from tlkit.sources import DataError
 from tlkit.spec import SpecError
@@ -74,13 +78,17 @@ def child_specs(variants: list[str], overrides: dict) -> dict[str, dict]:
     return specs_by_variant
 
 
-def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None):
+def _run_child(variant: str, spec: dict, cache_dir: str | None, dataset=None, repeats: int = 1):
+    """One child: a run (or a search), or with repeats > 1 a repeated variant, whose `dataset` is
+    then the list of its seeds' data."""
+    if repeats > 1:
+        return repeating.run(variant, spec, repeats, cache_dir=cache_dir, nested=True, datasets=dataset)
     if specs.variant_search(variant) is None:
         return train.train(variant, spec, cache_dir=cache_dir, nested=True, dataset=dataset)
     return tune.tune(spec, variant=variant, cache_dir=cache_dir, nested=True, dataset=dataset)
 
 
-def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> dict[str, object]:
+def shared_datasets(specs_by_variant: dict, *, one_digest: bool) -> dict:
     """Each child's data, loaded once per distinct data spec (usually one for all): decoding full
     CIFAR-10 takes 8 s, and every child then sees the same snapshot of an image folder.
 
@@ -103,10 +111,19 @@ def shared_datasets(specs_by_variant: dict[str, dict], *, one_digest: bool) -> d
     by_variant = {v: loaded[train.data_key(spec)] for v, spec in specs_by_variant.items()}
     digests = {d.digest for d in by_variant.values()}
     if one_digest and len(digests) > 1:
-        which = ", ".join(f"{v} ({d.digest[:12]})" for v, d in by_variant.items())
+        which = ", ".join(f"{v if isinstance(v, str) else v[0]} ({d.digest[:12]})" for v, d in by_variant.items())
         raise SpecError(f"the variants would be tested on different data ({which}): promotion compares one test "
                         "set; give them the same data options, or pass --no-promote")
     return by_variant
+
+
+def repeated_datasets(specs_by_variant: dict[str, dict], repeats: int, *, one_digest: bool) -> dict[str, list]:
+    """shared_datasets for repeated variants: each variant's list of its seeds' data, the first
+    seed's loaded once for every variant that agrees on the data fields; the other seeds' are None,
+    which repeats.run makes from the first by its other split (Dataset.with_split), not loaded again."""
+    firsts = shared_datasets({v: repeating.seed_spec(spec, 0) for v, spec in specs_by_variant.items()},
+                             one_digest=one_digest)
+    return {v: [firsts[v]] + [None] * (repeats - 1) for v in specs_by_variant}
 
 
 def _mark_failed(suite_id: str, variant: str, error: str, since_ms: int) -> None:
@@ -136,6 +153,7 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    repeated = any(r.get("seeds") is not None for r in finished)
     names = [r["variant"] for r in finished] + [Path(v).stem for v in failed]
     values = [r["test_accuracy"] for r in finished] + [0.0] * len(failed)
     below = [r["test_accuracy"] - r["test_accuracy_low"] if r["test_accuracy_low"] is not None else 0.0
@@ -151,8 +169,10 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
     for bar, value, high, label in zip(bars, values, above, labels):
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value + high), ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("test accuracy (95% Wilson interval)")
-    ax.set_title("suite: test accuracy per variant, best first; p: McNemar's exact test against the best")
+    ax.set_ylabel("test accuracy (95% interval)" if repeated else "test accuracy (95% Wilson interval)")
+    ax.set_title("suite: mean test accuracy over seeds per variant (95% t-interval), best first; p: stratified "
+                 "McNemar (CMH, exact) against the best" if repeated else
+                 "suite: test accuracy per variant, best first; p: McNemar's exact test against the best")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -160,7 +180,7 @@ def _chart(finished: list[dict], failed: dict[str, str], path: Path) -> None:
 
 
 def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | None, datasets: dict,
-                  suite_id: str) -> dict[str, str]:
+                  suite_id: str, repeats: int = 1) -> dict[str, str]:
     """Each child in turn, nested under the suite's run; returns {variant: one-line error} of those that failed."""
     import keras
     import mlflow
@@ -170,7 +190,7 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
         log.info("suite: %s (%d of %d)", variant, number, len(variants))
         started = int(time.time() * 1000)
         try:
-            result = _run_child(variant, specs_by_variant[variant], cache_dir, datasets[variant])
+            result = _run_child(variant, specs_by_variant[variant], cache_dir, datasets[variant], repeats)
             # Tagged, so that compare finds it even where it is not a direct child (a reopened search).
             mlflow.MlflowClient().set_tag(result.run_id, "suite", suite_id)
         except DataError:
@@ -190,11 +210,13 @@ def _run_children(variants: list[str], specs_by_variant: dict, cache_dir: str | 
 
 def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = None, cache_dir: str | None = None,
               promote: bool = True, model_name: str | None = None, min_gain: float = 0.0,
-              significance: float = 0.05) -> SuiteResult:
+              significance: float = 0.05, repeats: int = 1) -> SuiteResult:
     """Run the children under one parent run, then compare and promote. Raises SuiteError at the
-    end if any child failed (after comparing and promoting among the finished ones)."""
+    end if any child failed (after comparing and promoting among the finished ones). repeats > 1:
+    each child is the variant at that many seeds (tlkit/repeats.py)."""
     import mlflow
 
+    repeating.check(repeats)
     specs_by_variant = child_specs(variants, overrides)
     registry.check_gate(min_gain, significance)
     if promote and model_name:  # '' means the default name
@@ -202,13 +224,15 @@ def run_suite(variants: list[str], overrides: dict, *, experiment: str | None = 
     tracking.use_experiment(experiment)
     tracking.check_reachable()
     # Before the suite's run: data that cannot be compared fails with nothing logged.
-    datasets = shared_datasets(specs_by_variant, one_digest=promote)
-    with tracking.run("suite", tags={"suite_variants": ",".join(variants)}) as parent:
+    datasets = (shared_datasets(specs_by_variant, one_digest=promote) if repeats == 1 else
+                repeated_datasets(specs_by_variant, repeats, one_digest=promote))
+    tags = {"suite_variants": ",".join(variants), **({runs.REPEATS: str(repeats)} if repeats > 1 else {})}
+    with tracking.run("suite", tags=tags) as parent:
         suite_id = parent.info.run_id
-        tracking.log_params_once({"variants": ",".join(variants),
+        tracking.log_params_once({"variants": ",".join(variants), **({"repeats": repeats} if repeats > 1 else {}),
                                   **{k: v for k, v in overrides.items() if v is not None}})
         with train.long_lived_objects_frozen():
-            failed = _run_children(variants, specs_by_variant, cache_dir, datasets, suite_id)
+            failed = _run_children(variants, specs_by_variant, cache_dir, datasets, suite_id, repeats)
 
         rows = compare.compare(suite=suite_id)
         result = SuiteResult(run_id=suite_id, rows=rows, failed=failed)

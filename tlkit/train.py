@@ -153,7 +153,7 @@ def long_lived_objects_frozen():
 
 
 # The spec fields load_dataset reads: children of a suite that agree on these share one load.
-DATA_FIELDS = ("data", "image_size", "limit", "test_limit", "seed", "classes")
+DATA_FIELDS = ("data", "image_size", "limit", "test_limit", "seed", "sample_seed", "classes")
 
 
 def data_key(spec: dict) -> tuple:
@@ -162,9 +162,11 @@ def data_key(spec: dict) -> tuple:
 
 
 def load_dataset(spec: dict):
-    """The spec's data: raw uint8 pixels, split and one-hot (data.load with the spec's fields)."""
+    """The spec's data: raw uint8 pixels, split and one-hot (data.load with the spec's fields). The
+    seed splits off the validation images; sample_seed (0: the seed) draws the limit samples."""
     dataset = data.load(spec["data"], image_size=spec["image_size"], limit=spec["limit"],
-                        test_limit=spec["test_limit"], seed=spec["seed"], classes=specs.class_list(spec))
+                        test_limit=spec["test_limit"], seed=spec["sample_seed"] or spec["seed"],
+                        split_seed=spec["seed"], classes=specs.class_list(spec))
     log.info("data %s: %d train, %d validation, %d test images, %d classes", dataset.name, len(dataset.x_train),
              len(dataset.x_val), len(dataset.x_test), len(dataset.class_names))
     return dataset
@@ -294,22 +296,25 @@ def _cached_features(network, dataset, spec: dict, cache, images: dict, transfor
 
 
 def train(variant: str, spec: dict, *, experiment: str | None = None, cache_dir: str | None = None,
-          nested: bool = False, dataset=None, cache_below: str = "") -> Result:
+          nested: bool = False, dataset=None, cache_below: str = "", tags: dict | None = None,
+          run_name: str = "") -> Result:
     """Run one variant with a validated spec and log everything to MLflow, its layers built in the
     spec's precision (models.precision) and its strategy's scope (distribute.scope). See _train."""
     with models.precision(spec), distribute.scope(spec):
         return _train(variant, spec, experiment=experiment, cache_dir=cache_dir, nested=nested, dataset=dataset,
-                      cache_below=cache_below)
+                      cache_below=cache_below, extra_tags=tags or {}, run_name=run_name)
 
 
 def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str | None, nested: bool, dataset,
-           cache_below: str) -> Result:
+           cache_below: str, extra_tags: dict, run_name: str) -> Result:
     """Run one variant with a validated spec and log everything to MLflow.
 
     dataset: load_dataset(spec) done already (a suite loads once for all its children).
     cache_below: where the features are not cached, the pass stops below this block (an
     `unfreeze` value) and derives the network's own from there (frozen_features), for fine-tuning
-    runs after it on the same images (the recipe search)."""
+    runs after it on the same images (the recipe search).
+    extra_tags: set on the run as it starts (a repeat's index and seed: tlkit/repeats.py).
+    run_name: the run's name (default: the variant's; a repeat's is `<variant>-seed<seed>`)."""
     import keras
     import mlflow
 
@@ -324,8 +329,8 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
     network = models.build(spec, len(dataset.class_names), base_model)
     tracking.autolog()
 
-    tags = tracking.run_tags(spec, dataset, variant=Path(variant).stem)
-    with tracking.run(Path(variant).stem, nested=nested, tags=tags) as active:
+    tags = tracking.run_tags(spec, dataset, variant=Path(variant).stem, **extra_tags)
+    with tracking.run(run_name or Path(variant).stem, nested=nested, tags=tags) as active:
         tracking.log_run_preamble(spec, dataset, tags, spec_file=specs.variant_path(variant))
 
         head_inputs = None

@@ -69,7 +69,7 @@ def tune(spec: dict, search: Search | None = None, **options) -> Result:
 
 def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", workers: int = 0,
          search_dir: str | None = None, experiment: str | None = None, cache_dir: str | None = None,
-         nested: bool = False, dataset=None, **settings) -> Result:
+         nested: bool = False, dataset=None, tags: dict | None = None, **settings) -> Result:
     """Search the head over a validated spec; log the best network on the parent run.
 
     search: the variant's search (space.load(variant)); settings (tuner, max_trials,
@@ -77,6 +77,7 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
     keras-tuner's variables make it a chief); workers=N serves the oracle here and runs the trials
     in N worker processes on this machine. Returns train.Result for the parent run: the best
     trial's end-to-end network on the test set. dataset: train.load_dataset(spec) done already.
+    tags: more tags for the parent run (a search under repeats: tlkit/repeats.py).
     """
     import keras
     import mlflow
@@ -106,7 +107,8 @@ def _tune(spec: dict, search: Search | None = None, *, variant: str = "tune", wo
 
     tags = {"stage": "search", "variant": Path(variant).stem, "tuner": search.tuner, "base": spec["base"],
             "dataset": dataset.name, "dataset_digest": dataset.digest, "search_key": key,
-            "search_dir": str(folder.resolve()), **train.feature_tags(cached, network), **distribute.tags()}
+            "search_dir": str(folder.resolve()), **train.feature_tags(cached, network), **distribute.tags(),
+            **(tags or {})}
     with tracking.run(Path(variant).stem, nested=nested, tags=tags, run_id=parent_id) as active:
         parent = active.info.run_id
         resume.write_state(folder, {"key": key, "identity": what, "parent_run_id": parent,
