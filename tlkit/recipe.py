@@ -227,6 +227,8 @@ class Search:
             self.say(f"  screen-{number:<3d} {seconds:7.0f} s  {_describe(candidate)}{mark}")
         self.say(f"  full     the best {len(later['full'])} of the screen on every image: {sum(later['full']):.0f} s "
                  "at most")
+        self.say(f"  head     the best with the other heads, on its cached features: about {sum(later['head']):.0f} s "
+                 "at most")
         self.say(f"  flip     the best with cached flips: about {sum(later['flip']):.0f} s at most")
         self.say(f"  tta      the best with test-time flips: about {sum(later['tta']):.0f} s at most")
         for lever, seconds in zip(candidates.finetunes(), later["finetune"]):
@@ -245,6 +247,7 @@ class Search:
         full = [(c, {}) for c in survivors]
         best = dearest[0]
         return {"full": self._total(full),
+                "head": self._total(full + [({**best, **head}, {}) for head in candidates.HEADS[1:]])[len(full):],
                 "flip": self._total(full + [({**best, "flip": True}, {})])[len(full):],
                 "tta": self._total(full + [({**best, "flip": True}, {}), ({**best, "flip": True, "tta": True}, {})])
                 [len(full) + 1:],
@@ -435,6 +438,10 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
             _write_chosen(searching, parent_id, output)
             if not searching.run_full(screened, tmp, parent_id):
                 searching.rest_on_screen(parent_id, tmp)
+            _write_chosen(searching, parent_id, output)
+            # The head levers again on every image: on the features the full rung cached they cost
+            # a head's epochs (seconds to minutes), and a sample can rank them otherwise.
+            searching.run_levers("head", candidates.HEADS[1:], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
             searching.run_levers("flip", [{"flip": True}], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
