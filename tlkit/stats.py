@@ -149,7 +149,9 @@ class Stratified:
     @property
     def smallest_p(self) -> float:
         """The smallest p these strata could give with their number of disagreements: 2 / 2^N (1 if N <= 1)."""
-        return min(1.0, 2.0 / 2 ** self.disagreements)
+        # A float power: 2.0 / 2 ** N converts 2 ** N to a float, which overflows past N = 1023
+        # (a full CIFAR-10 comparison has thousands of disagreements); this underflows to 0.0.
+        return min(1.0, 2.0 ** (1 - self.disagreements))
 
 
 def stratify(pairings) -> Stratified | None:
