@@ -385,8 +385,27 @@ def log_dataset(dataset) -> None:
             name, digest = f"{dataset.name}-{context}", dataset.digest[:32]  # MLflow caps digests at 36 characters
             ds = x.as_mlflow_dataset(y.argmax(axis=1), source=source, name=name, digest=digest)
             # (A file list's integer labels make MLflow hint, once per split, at missing values it cannot have.)
-            mlflow.log_input(ds, context=context, tags={"images": str(len(x)),
-                                                        "class_names": ",".join(dataset.class_names)})
+            _log_input(ds, context=context, tags={"images": str(len(x)), "class_names": ",".join(dataset.class_names)})
+
+
+def _log_input(ds, **options) -> None:
+    """mlflow.log_input, once more after a duplicate-key error: MLflow 3.17.2's SQL store looks the
+    dataset up and then inserts it, so two processes logging the same data set at the same moment
+    can both miss it, and the second insert violates the datasets' primary key (seen on PostgreSQL
+    with two suites on one new database: UniqueViolation "dataset_pk"). The second try finds it."""
+    import mlflow
+
+    for attempt in range(2):
+        try:
+            mlflow.log_input(ds, **options)
+            return
+        except Exception as err:  # noqa: BLE001 - MlflowException or the store's IntegrityError, by its message
+            text = str(err)
+            if attempt or not any(word in text for word in ("UniqueViolation", "UNIQUE constraint", "duplicate key",
+                                                            "dataset_pk")):
+                raise
+            logging.getLogger(__name__).info("tracking: another process logged data set %s at the same moment; "
+                                             "once more", ds.name)
 
 
 def log_reports(folder: Path) -> None:
