@@ -45,6 +45,9 @@ DEFAULT_BUDGET = "30m"  # without --budget: enough to screen and fine-tune on CI
 SCREEN_IMAGES = 5000  # training and validation images a screened candidate sees at most (a tenth of CIFAR-10)
 SCREEN_TEST_IMAGES = 1000  # test images it is scored on (logged, never chosen on)
 SCREEN_SHARE = 0.35  # the screen may plan at most this share of the budget
+# A screen candidate is left out when its run on every image is estimated at more than this many
+# times what the budget leaves after the screen (Search.prune).
+PRUNE_MARGIN = 1.5
 ETA = 3  # successive halving: the best 1/ETA of a rung go on to the next
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
@@ -206,9 +209,11 @@ class Search:
         """The screen's candidates less those whose run on every image cannot fit what the budget
         leaves after the screen, where some can: screening them buys a winner the search cannot
         then run (the 45-minute run screened VGG16 at 128 px, 380 s, whose full run was 2,822 s).
-        They are listed as left out, with that cost. Where none fits, all are screened: the best on
-        the sample is then the answer."""
-        after_screen = (1 - SCREEN_SHARE) * (self.clock.left() - budgets.WRAP_UP_SECONDS)
+        The estimates are the probe's, uncorrected yet: PRUNE_MARGIN leaves room for a probe taken
+        on a loaded machine (one at load average 6 put VGG16's 64 px at 2,428 s, three times its rate
+        on an idle machine). They are listed as left out, with that cost. Where none fits, all are
+        screened: the best on the sample is then the answer."""
+        after_screen = PRUNE_MARGIN * (1 - SCREEN_SHARE) * (self.clock.left() - budgets.WRAP_UP_SECONDS)
         full = {id(c): self._estimate(c, {}) for c in ordered}
         fitting = [c for c in ordered if full[id(c)] <= after_screen]
         if not fitting:
