@@ -308,18 +308,25 @@ def test_flip_with_a_whole_network_variant_is_refused(extra, message, image_fold
     assert result.exit_code == 2 and message in result.output
 
 
+def trained_with_flips(variant: str, spec: dict, image_folder, tmp_path):
+    """Train `spec` into tmp_path's cache; the logged model must predict what the run's test
+    accuracy says. (result, dataset, predicted labels, the cache entries' meta.json)."""
+    result = train(variant, spec, cache_dir=str(tmp_path / "cache"))
+    dataset = data.load(str(image_folder), seed=spec["seed"])
+    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
+    assert labels == [dataset.class_names[i] for i in result.test_predictions]
+    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    return result, dataset, labels, metas
+
+
 @pytest.mark.e2e
 def test_test_time_flips_with_flips_and_fine_tuning(image_folder, tracking, tmp_path):
     """finetune with flips and tta: the mirrored pool's validation rows and the mirrored test images
     (and the base output derived from them) score the two stages; the logged model answers the same."""
     spec = specs.load("finetune", {"data": str(image_folder), "weights": "none", "epochs": 1, "finetune_epochs": 1,
                                    "flip": True, "tta": True})
-    result = train("finetune", spec, cache_dir=str(tmp_path / "cache"))
-    dataset = data.load(str(image_folder), seed=spec["seed"])
-    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
-    assert labels == [dataset.class_names[i] for i in result.test_predictions]
-    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
-    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    result, dataset, _, metas = trained_with_flips("finetune", spec, image_folder, tmp_path)
     mirrored = sorted((m["fields"]["boundary"], sorted(m["sha256"])) for m in metas
                       if m["fields"].get("transform") == "hflip")
     assert mirrored == [("block4_pool", ["pool"]), ("block4_pool", ["test"]),
@@ -333,12 +340,7 @@ def test_test_time_flips_score_what_the_logged_model_answers(image_folder, track
     logged model computes the same from raw pixels, so predict answers what test_accuracy says, and
     the mirror of an image gets the very same answer."""
     spec = specs.load("baseline", {"data": str(image_folder), "weights": "none", "epochs": 2, "tta": True})
-    result = train("baseline", spec, cache_dir=str(tmp_path / "cache"))
-    dataset = data.load(str(image_folder), seed=spec["seed"])
-    accuracy, labels = pyfunc_accuracy(result.model_uri, dataset)
-    assert labels == [dataset.class_names[i] for i in result.test_predictions]
-    assert accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
-    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/meta.json")]
+    result, dataset, labels, metas = trained_with_flips("baseline", spec, image_folder, tmp_path)
     # tta without flips: the mirrored test images, and the mirrored validation images alone.
     assert sorted(sorted(m["sha256"]) for m in metas if m["fields"].get("transform") == "hflip") == [["test"], ["val"]]
     model = mlflow.pyfunc.load_model(result.model_uri)

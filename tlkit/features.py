@@ -147,12 +147,8 @@ class Features:
     val_mirrored: sources.Source | None = None
     test_mirrored: sources.Source | None = None
 
-    stored: tuple[str, ...] = ()  # the splits the entry holds (read sets it)
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """The splits the entry holds (not the run's train and val, which split() takes of the pool)."""
-        return self.stored or tuple(split for split in SPLITS if getattr(self, split) is not None)
+    # The splits the entry holds (not the run's train and val, which split() takes of the pool).
+    splits: tuple[str, ...] = ()
 
     def split(self, train_rows, val_rows) -> Features:
         """Set train and val to those rows of the pool (the data set's validation split)."""
@@ -211,7 +207,7 @@ class FeatureCache:
             shutil.rmtree(entry, ignore_errors=True)
             return None
         return Features(pool=arrays.get("pool"), val=arrays.get("val"), test=arrays.get("test"), key=key, hit=True,
-                        stored=tuple(splits),
+                        splits=tuple(splits),
                         # Entries older than made_by were all made by this process's pass.
                         made_by=meta.get("made_by") or LocalPass.made_by)
 

@@ -203,7 +203,11 @@ def frozen_features(network, dataset, spec: dict, cache_dir: str | None = None, 
     # Mirror images, an entry for each split they are of: the pool's for flips in training (its
     # validation rows then serve tta too), the test images' for tta, and for tta without flips the
     # validation images' alone (a sixth of the pool's pass; that entry is the split's own).
-    wanted = (["pool"] if spec["flip"] else []) + (["test"] + ([] if spec["flip"] else ["val"])) * spec["tta"]
+    wanted = []
+    if spec["flip"]:
+        wanted.append("pool")
+    if spec["tta"]:
+        wanted += ["test"] if spec["flip"] else ["test", "val"]
     mirror_images = {"pool": dataset.x_pool, "test": dataset.x_test, "val": dataset.x_val}
     mirrored = {split: _cached_features(network, dataset, spec, cache, {split: mirror_images[split].mirror()}, "hflip",
                                         cache_below, engine, rows=dataset.val_rows if split == "val" else None)
