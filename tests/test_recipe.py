@@ -147,6 +147,35 @@ def test_estimates_count_each_pass_once_and_learn_from_the_runs():
     assert costs.correction == pytest.approx(2.0)
 
 
+def test_the_probe_times_a_real_fine_tuning_step_of_each_depth():
+    """The block above the cut trains in the probe (BatchNorm in inference mode, as fine-tuning
+    does): a step of two blocks costs more than one, and one more than the head alone."""
+    spec = specs.merge({"weights": "none", "units": 1024, "dropout": 0.5})
+    rates = budget.probe(spec, 10, ["top1", "top2"], {"units": 1024, "dropout": 0.5})
+    assert rates.finetune_sample["top2"] > rates.finetune_sample["top1"] > rates.head_sample > 0
+
+
+def test_fine_tuning_that_does_not_fit_runs_at_the_most_epochs_that_do():
+    """Search._fitted_epochs: the lever's own epochs where they fit, fewer (down to
+    MIN_FINETUNE_EPOCHS) where only those fit, and the lever as it is where none does."""
+    def search_with(seconds_left: float) -> recipe.Search:
+        clock = budget.Clock(seconds_left + budget.WRAP_UP_SECONDS, started=time.time())
+        searching = recipe.Search({"weights": "none"}, {"VGG16": "none"}, clock, None, say=lambda line: None)
+        searching.costs = budget.Costs(rates={("VGG16", 32): budget.Rates(
+            pass_image=0.0, head_sample=0.0, finetune_sample={"top1": 0.001})}, overhead=0.0)
+        return searching
+
+    lever = {"unfreeze": "top1", "finetune_epochs": 6}
+    roomy = search_with(3600)
+    assert roomy._fitted_epochs(lever) == lever
+    per_epoch = roomy._estimate(dict(lever, finetune_epochs=2), {}) - roomy._estimate(dict(lever, finetune_epochs=1), {})
+    three = roomy._estimate(dict(lever, finetune_epochs=3), {})
+    tight = search_with(three + per_epoch / 2)  # three epochs fit, four do not
+    assert tight._fitted_epochs(lever) == dict(lever, finetune_epochs=3)
+    short = search_with(roomy._estimate(dict(lever, finetune_epochs=recipe.MIN_FINETUNE_EPOCHS), {}) / 2)
+    assert short._fitted_epochs(lever) == lever
+
+
 def test_the_budget_clock_starts_with_the_process():
     clock = budget.Clock(60)
     # This test process started before the test did: the clock counts its imports too.

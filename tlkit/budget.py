@@ -155,9 +155,14 @@ def _seconds_per_call(call) -> float:
 
 def probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> Rates:
     """Measure one input's rates on random inputs (speed does not depend on the values): a batch of
-    the base's pass; the head's and each fine-tuning depth's forward pass, times TRAIN_TO_INFERENCE
-    for a training step. Inference only: tracing a training step costs seconds a model, more than
-    a short budget can spare, and the estimates are corrected by the runs themselves (Costs.observe)."""
+    the base's pass; the head's forward pass times TRAIN_TO_INFERENCE for its training step; and a
+    real training step of each fine-tuning depth (its blocks and the head, at the spec's batch).
+
+    The head is traced for inference only: it costs milliseconds an image either way and the runs
+    correct the estimates (Costs.observe). Fine-tuning is where the budget's big decision lies, and
+    3x a forward pass missed it (VGG16's top block at 64 px: 5.2 ms an image against 4.1 ms
+    measured, which left fine-tuning out of a 45-minute run with 16 minutes to spare), so its step
+    is timed for real: a trace of 1-2 s a depth, at each base's largest size only (Search.probe)."""
     import keras
 
     rng = np.random.default_rng(0)
@@ -171,13 +176,20 @@ def probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> R
 
     pixels = rng.integers(0, 256, (PROBE_BATCH, spec["image_size"], spec["image_size"], 3)).astype("uint8")
     pass_image = _seconds_per_call(lambda: distribute.predict_on_batch(network.extractor, pixels)) / PROBE_BATCH
-    head = models.head_model(dict(probe_spec, **head_spec), network.extractor.output.shape[1:], num_classes)
+    head_spec = dict(probe_spec, **head_spec)
+    head = models.head_model(head_spec, network.extractor.output.shape[1:], num_classes)
     head_sample = TRAIN_TO_INFERENCE * per_image(head, HEAD_PROBE_BATCH)
     finetune_sample = {}
     for depth in depths:
-        cut = models.boundary_layer(base, depth, spec["base"])
-        upper = keras.Model(base.get_layer(cut).output, base.output)
-        finetune_sample[depth] = TRAIN_TO_INFERENCE * per_image(upper, PROBE_BATCH) + head_sample
+        # What fine-tuning trains (train.py): the block above the depth's cut and the head, on
+        # features at the cut, BatchNorm in inference mode.
+        tuned = models.build(dict(head_spec, unfreeze=depth), num_classes, base)
+        models.set_unfrozen(tuned, True)
+        tuned.trainable.compile(optimizer=keras.optimizers.Adam(spec["finetune_learning_rate"]),
+                                loss="categorical_crossentropy")
+        x = rng.standard_normal((spec["batch_size"], *tuned.trainable.input.shape[1:])).astype("float32")
+        y = np.eye(num_classes, dtype="float32")[rng.integers(0, num_classes, spec["batch_size"])]
+        finetune_sample[depth] = _seconds_per_call(lambda: tuned.trainable.train_on_batch(x, y)) / spec["batch_size"]
     keras.backend.clear_session()
     log.info("probe %s at %d px: pass %.2f ms/image, head %.3f ms/image, fine-tuning %s", spec["base"],
              spec["image_size"], pass_image * 1e3, head_sample * 1e3,

@@ -49,6 +49,10 @@ SCREEN_SHARE = 0.35  # the screen may plan at most this share of the budget
 # times what the budget leaves after the screen (Search.prune).
 PRUNE_MARGIN = 1.5
 ETA = 3  # successive halving: the best 1/ETA of a rung go on to the next
+# Fine-tuning that does not fit at its epochs runs at the most that fit, down to this many: its
+# cosine schedule decays over the epochs it has (the 45-minute VGG16 run left fine-tuning out,
+# 1,670 s for 6 epochs with 16 minutes left, where 3 epochs would have fit).
+MIN_FINETUNE_EPOCHS = 2
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
 
@@ -334,8 +338,12 @@ class Search:
                 diff = {**_lever_diff(incumbent), **lever}
                 self._leave_out(rung, diff, self._estimate(diff, {}))
             return []
-        done = [self.run(rung, {**_lever_diff(incumbent), **lever}, {}, tmp, parent_id, cache_below=DEEPEST)
-                for lever in levers]
+        done = []
+        for lever in levers:
+            diff = {**_lever_diff(incumbent), **lever}
+            if rung == "finetune":
+                diff = self._fitted_epochs(diff)
+            done.append(self.run(rung, diff, {}, tmp, parent_id, cache_below=DEEPEST))
         return self._keep([incumbent] + done, rung)  # first: a lever that only ties does not replace it
 
     def run(self, rung: str, candidate: dict, fixed: dict, tmp: Path, parent_id: str, cache_below: str = "",
@@ -401,6 +409,16 @@ class Search:
             self.best = finished[0]
             log.info("recipe: rung %s keeps %s (val_accuracy %.4f)", rung, self.best.name, self.best.val_accuracy)
         return finished
+
+    def _fitted_epochs(self, diff: dict) -> dict:
+        """A fine-tuning lever at the most epochs (of its own, down to MIN_FINETUNE_EPOCHS) whose
+        estimate fits what is left; as it is where none fits (run() then leaves it out)."""
+        left = self.clock.left() - budgets.WRAP_UP_SECONDS
+        for epochs in range(self._spec(diff, {})["finetune_epochs"], MIN_FINETUNE_EPOCHS - 1, -1):
+            fitted = {**diff, "finetune_epochs": epochs}
+            if self._estimate(fitted, {}) <= left:
+                return fitted
+        return diff
 
     # --- small pieces ------------------------------------------------------------------------------
     def _spec(self, candidate: dict, fixed: dict) -> dict:
