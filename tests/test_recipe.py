@@ -131,6 +131,39 @@ def test_candidate_sizes_follow_the_data_and_the_base(tmp_path):
     assert candidates.median_side("cifar10") == 32
 
 
+@pytest.mark.e2e
+def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_on_first(image_folder, tracking,
+                                                                                        tmp_path):
+    """Search.run_finetune_screen with real runs: the screen's best input of each base, its top
+    block fine-tuned at the screen's fidelity, nested under the parent; the screen re-ranked on them."""
+    from tlkit import tracking as runs
+
+    lines = []
+    clock = budget.Clock(900, started=time.time())
+    searching = recipe.Search({"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8},
+                              {"VGG16": "none", "Xception": "none"}, clock, None, say=lines.append)
+    searching.check()
+    inputs = [{"base": "VGG16", "image_size": 32, "preprocess": "base", "weights": "none"},
+              {"base": "Xception", "image_size": 71, "preprocess": "base", "weights": "none"}]
+    with runs.run("recipe") as parent:
+        searching.probe(inputs)
+        searching.screen_allowance = 600.0
+        screened = searching.run_screen(inputs, parent.info.run_id, tmp_path)
+        assert len(screened) == 2
+        ranked = searching.run_finetune_screen(screened, parent.info.run_id, tmp_path)
+    tuned = [t for t in searching.tried if t.rung == "screen-ft"]
+    assert sorted(t.spec["base"] for t in tuned) == ["VGG16", "Xception"]
+    for attempt in tuned:
+        assert not attempt.error and attempt.estimate > 0
+        assert (attempt.spec["unfreeze"], attempt.spec["finetune_epochs"]) == ("top1", recipe.FINETUNE_SCREEN_EPOCHS)
+        assert attempt.spec["limit"] == searching.screen_fields["limit"]
+        found = mlflow.get_run(attempt.run_id)
+        assert found.data.tags["recipe_rung"] == "screen-ft"
+        assert found.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ranked == recipe.rank_by_bases(screened, {t.spec["base"]: t.val_accuracy for t in tuned})
+    assert searching.best is screened[0]  # a sample's fine-tuning ranks bases; it is not a finalist
+
+
 def test_estimates_count_each_pass_once_and_learn_from_the_runs():
     costs = budget.Costs(rates={("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.001,
                                                               finetune_sample={"top1": 0.004})}, overhead=0.0)
@@ -145,6 +178,44 @@ def test_estimates_count_each_pass_once_and_learn_from_the_runs():
     assert costs.estimate(tuned, images) > costs.estimate(spec, images)
     costs.observe(10.0, 20.0)
     assert costs.correction == pytest.approx(2.0)
+
+
+def test_fine_tuning_pays_for_a_pass_below_its_block_unless_one_was_cut_there():
+    """A frozen run's pass stops at the base's output, which fine-tuning cannot use; a pass cut
+    below the deepest depth (the recipe's cache_below) serves both."""
+    rates = {("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.0, finetune_sample={"top1": 0.0})}
+    spec = specs.merge({"weights": "none", "epochs": 1})
+    tuned = dict(spec, unfreeze="top1", finetune_epochs=1)
+    images = {"train": 900, "val": 100, "test": 1000}
+    pass_seconds = 2000 * 0.01
+    frozen_first = budget.Costs(rates=rates, overhead=0.0)
+    frozen_first.made(spec, images)
+    assert frozen_first.estimate(tuned, images) == pytest.approx(pass_seconds)
+    assert frozen_first.estimate(spec, images) == pytest.approx(0.0)
+    cut_first = budget.Costs(rates=rates, overhead=0.0)
+    cut_first.made(spec, images, below_a_block=True)
+    assert cut_first.estimate(tuned, images) == pytest.approx(0.0)
+    assert cut_first.estimate(spec, images) == pytest.approx(0.0)
+    tuned_first = budget.Costs(rates=rates, overhead=0.0)
+    tuned_first.made(tuned, images)
+    assert tuned_first.estimate(spec, images) == pytest.approx(0.0)
+
+
+def test_the_bases_go_on_in_the_order_their_fine_tuned_screens_reached():
+    def tried(name, base, val):
+        return recipe.Tried("screen", name, {"base": base}, {"base": base}, val_accuracy=val)
+
+    screened = [tried("x128", "Xception", 0.70), tried("v64", "VGG16", 0.66), tried("x96", "Xception", 0.65),
+                tried("v32", "VGG16", 0.57)]
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.72, "VGG16": 0.75})
+    assert [t.name for t in ranked] == ["v64", "v32", "x128", "x96"]
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.76, "VGG16": 0.75})
+    assert [t.name for t in ranked] == ["x128", "x96", "v64", "v32"]
+    # A base whose fine-tuned screen did not finish: the frozen order stands.
+    assert recipe.rank_by_bases(screened, {"VGG16": 0.75}) is screened
+    assert recipe._finetune_screen_diff({"base": "VGG16", "image_size": 64}) == {
+        "base": "VGG16", "image_size": 64, **candidates.finetunes()[0],
+        "finetune_epochs": recipe.FINETUNE_SCREEN_EPOCHS}
 
 
 def test_the_probe_times_a_real_fine_tuning_step_of_each_depth():

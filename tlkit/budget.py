@@ -105,7 +105,13 @@ class Costs:
     def passes(self, spec: dict, images: dict[str, int]) -> list[tuple[tuple, int]]:
         """The passes of the base this spec would make that are not made yet: (identity, images)."""
         key = (spec["base"], spec["image_size"], spec["preprocess"], images["train"], images["test"])
-        wanted = [(key + ("",), images["train"] + images["val"] + images["test"])]
+        # Fine-tuning needs features from below its blocks: a pass that stopped at the base's output
+        # (a frozen run's own) does not serve it. The recipe cuts every pass that is not the
+        # screen's below its deepest fine-tuning depth, which serves both (train.py derives).
+        main = key + ("", "below a block") if spec["unfreeze"] else key + ("",)
+        if not spec["unfreeze"] and key + ("", "below a block") in self.done_passes:
+            main = key + ("", "below a block")
+        wanted = [(main, images["train"] + images["val"] + images["test"])]
         # The mirror images' entries (train.frozen_features): the pool's for flips; the test
         # images' for tta, and the validation images' where the pool's are not made.
         if spec["flip"]:
@@ -134,9 +140,15 @@ class Costs:
             seconds += spec["finetune_epochs"] * per_epoch * finetune + sum(images.values()) * finetune / 3
         return self.correction * (seconds + self.overhead)
 
-    def made(self, spec: dict, images: dict[str, int]) -> None:
+    def made(self, spec: dict, images: dict[str, int], below_a_block: bool = False) -> None:
+        """The spec's passes are cached now; `below_a_block`: its main pass stopped below the
+        deepest fine-tuning depth (the recipe's `cache_below`), so fine-tuning finds it too."""
         for identity, _ in self.passes(spec, images):
             self.done_passes.add(identity)
+        key = (spec["base"], spec["image_size"], spec["preprocess"], images["train"], images["test"])
+        self.done_passes.add(key + ("",))
+        if below_a_block or spec["unfreeze"]:
+            self.done_passes.add(key + ("", "below a block"))
 
     def observe(self, estimated: float, actual: float) -> None:
         """Scale later estimates by how far the finished ones were off (the median ratio: one slow
