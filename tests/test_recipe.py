@@ -284,3 +284,23 @@ def test_a_pass_that_would_end_past_the_deadline_gives_up_early(tmp_path):
     with deadlines.deadline(time.time() + 400):
         deadlines.check_pass(started, 10, 100)
     deadlines.check_pass(started, 10, 100)  # no deadline: nothing to check
+
+
+@pytest.mark.parametrize("result", ["recipe-budget.json", "recipe-budget-vgg16.json"])
+def test_the_docs_recipe_tables_are_the_benchmark_s_json(result):
+    """docs/recipe.md's 45-minute tables and benchmarks/recipe.py's JSON agree, row by row."""
+    from conftest import REPO
+
+    found = json.loads((REPO / "benchmarks" / "results" / result).read_text())
+    docs = (REPO / "docs" / "recipe.md").read_text()
+    section = docs[docs.index(f"benchmarks/results/{result}`"):]
+    section = section[: section.index("\n### ")]
+    rows = {line.split("|")[1].strip().strip("*").replace(" (chosen)", ""): line
+            for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    for configuration in found["configurations"]:
+        cells = [cell.strip().strip("*") for cell in rows[configuration["name"]].split("|")]
+        assert cells[-3:-1] == [f"{100 * configuration['val_accuracy']:.2f}%",
+                                f"{100 * configuration['test_accuracy']:.2f}%"], configuration["name"]
+        assert cells[-4] == f"{configuration['seconds']:,.0f}"
+    assert f"{100 * found['best_test_accuracy']:.2f}% test" in section
+    assert "(chosen)" in rows[found["chosen"]]
