@@ -108,9 +108,8 @@ class Costs:
         # Fine-tuning needs features from below its blocks: a pass that stopped at the base's output
         # (a frozen run's own) does not serve it. The recipe cuts every pass that is not the
         # screen's below its deepest fine-tuning depth, which serves both (train.py derives).
-        main = key + ("", "below a block") if spec["unfreeze"] else key + ("",)
-        if not spec["unfreeze"] and key + ("", "below a block") in self.done_passes:
-            main = key + ("", "below a block")
+        cut = key + ("", "below a block")
+        main = cut if spec["unfreeze"] or cut in self.done_passes else key + ("",)
         wanted = [(main, images["train"] + images["val"] + images["test"])]
         # The mirror images' entries (train.frozen_features): the pool's for flips; the test
         # images' for tta, and the validation images' where the pool's are not made.

@@ -334,8 +334,8 @@ class Search:
         runs (docs/recipe.md) Xception at 128 px led VGG16 at 64 px frozen by 3.4 points on the
         sample and was chosen, reaching 79.34% test with its top block fine-tuned for 2 epochs,
         while VGG16 alone, its block5 fine-tuned, reached more. These runs cost a pass of the sample
-        below the block and a few epochs through it; they stay at the screen's fidelity (never the
-        chosen configuration while anything on every image has finished)."""
+        below the block and a few epochs through it; they stay at the screen's fidelity and only
+        rank the bases (never the chosen configuration)."""
         leaders: dict[str, Tried] = {}
         for tried in screened:  # best first
             leaders.setdefault(tried.spec["base"], tried)
