@@ -152,7 +152,8 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
         assert len(screened) == 2
         ranked = searching.run_finetune_screen(screened, parent.info.run_id, tmp_path)
     tuned = [t for t in searching.tried if t.rung == "screen-ft"]
-    assert sorted(t.spec["base"] for t in tuned) == ["VGG16", "Xception"]
+    plain, extras = tuned[:2], tuned[2:]
+    assert sorted(t.spec["base"] for t in plain) == ["VGG16", "Xception"]
     for attempt in tuned:
         assert not attempt.error and attempt.estimate > 0
         assert (attempt.spec["unfreeze"], attempt.spec["finetune_epochs"]) == ("top1", recipe.FINETUNE_SCREEN_EPOCHS)
@@ -160,7 +161,17 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
         found = mlflow.get_run(attempt.run_id)
         assert found.data.tags["recipe_rung"] == "screen-ft"
         assert found.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert ranked == recipe.rank_by_bases(screened, {t.spec["base"]: t.val_accuracy for t in tuned})
+    assert not any(t.spec["flip"] or t.spec["tta"] for t in plain)
+    assert ranked == recipe.rank_by_bases(screened, {t.spec["base"]: t.val_accuracy for t in plain})
+    # The leader's base once more, with flips in training and at test time; fine-tuning takes them
+    # only where they beat its plain screen on validation.
+    [flipped] = extras
+    assert flipped.spec["base"] == ranked[0].spec["base"] and flipped.spec["flip"] and flipped.spec["tta"]
+    leader = next(t for t in plain if t.spec["base"] == flipped.spec["base"])
+    assert {k: v for k, v in flipped.spec.items() if k not in ("flip", "tta")} == \
+        {k: v for k, v in leader.spec.items() if k not in ("flip", "tta")}
+    assert flipped.val_accuracy_without_tta == mlflow.get_run(flipped.run_id).data.metrics["val_accuracy_without_tta"]
+    assert searching.finetune_extras == recipe.paying_extras(leader, flipped)
     assert searching.best is screened[0]  # a sample's fine-tuning ranks bases; it is not a finalist
 
 
@@ -178,6 +189,24 @@ def test_estimates_count_each_pass_once_and_learn_from_the_runs():
     assert costs.estimate(tuned, images) > costs.estimate(spec, images)
     costs.observe(10.0, 20.0)
     assert costs.correction == pytest.approx(2.0)
+
+
+def test_fine_tuning_estimates_learn_from_fine_tuning_runs_alone():
+    """The probe's fine-tuning step and a frozen head's are different work: once a fine-tuning run
+    has finished, fine-tuning estimates are corrected by the fine-tuning runs' ratio, frozen ones by
+    the frozen runs'."""
+    costs = budget.Costs(rates={("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.001,
+                                                              finetune_sample={"top1": 0.004})}, overhead=0.0)
+    frozen = specs.merge({"weights": "none", "epochs": 2})
+    tuned = dict(frozen, unfreeze="top1", finetune_epochs=3)
+    images = {"train": 900, "val": 100, "test": 1000}
+    raw_frozen, raw_tuned = costs.estimate(frozen, images), costs.estimate(tuned, images)
+    costs.observe(raw_frozen, raw_frozen * 0.8)
+    assert costs.estimate(tuned, images) == pytest.approx(0.8 * raw_tuned)  # no fine-tuning seen yet: the only ratio
+    costs.observe(costs.estimate(tuned, images), raw_tuned * 2.0, fine_tuned=True)
+    assert costs.finetune_correction == pytest.approx(2.0)  # of the uncorrected estimate
+    assert costs.estimate(tuned, images) == pytest.approx(2.0 * raw_tuned)
+    assert costs.estimate(frozen, images) == pytest.approx(0.8 * raw_frozen)
 
 
 def test_fine_tuning_pays_for_a_pass_below_its_block_unless_one_was_cut_there():
@@ -245,6 +274,51 @@ def test_fine_tuning_that_does_not_fit_runs_at_the_most_epochs_that_do():
     assert tight._fitted_epochs(lever) == dict(lever, finetune_epochs=3)
     short = search_with(roomy._estimate(dict(lever, finetune_epochs=recipe.MIN_FINETUNE_EPOCHS), {}) / 2)
     assert short._fitted_epochs(lever) == lever
+
+
+def test_fine_tuning_takes_the_screen_s_flips_only_where_they_fit_at_its_epochs():
+    """Search.first_finetune: the first fine-tuning lever with the fine-tuning screen's extras
+    where they paid and their estimate fits what is left; tta alone where flips do not fit; the
+    lever alone where neither fits (each dropped one listed as left out, with its cost) or where
+    the screen found they do not pay."""
+    def search_with(seconds_left: float, extras: dict) -> recipe.Search:
+        clock = budget.Clock(seconds_left + budget.WRAP_UP_SECONDS, started=time.time())
+        searching = recipe.Search({"weights": "none"}, {"VGG16": "none"}, clock, None, say=lambda line: None)
+        searching.costs = budget.Costs(rates={("VGG16", 32): budget.Rates(
+            pass_image=0.01, head_sample=0.0, finetune_sample={"top1": 0.001})}, overhead=0.0)
+        searching.costs.made(searching.base_spec, searching.images(searching.base_spec), below_a_block=True)
+        searching.best = recipe.Tried("head", "head-1", {"units": 1024}, searching._spec({"units": 1024}, {}))
+        searching.finetune_extras = extras
+        return searching
+
+    lever = candidates.finetunes()[0]
+    both, tta = recipe.FINETUNE_SCREEN_EXTRAS, {"tta": True}
+    roomy = search_with(3600, both)
+    assert roomy.first_finetune() == {**lever, **both}
+    cost = {name: roomy._estimate({"units": 1024, **lever, **extras}, {})
+            for name, extras in (("both", both), ("tta", tta), ("plain", {}))}
+    assert cost["both"] > cost["tta"] > cost["plain"]  # the mirrored training images; the mirrored test images
+    tta_fits = search_with((cost["both"] + cost["tta"]) / 2, both)
+    assert tta_fits.first_finetune() == {**lever, **tta}  # flips dropped, listed with their cost
+    assert [(item["rung"], item["diff"].get("flip")) for item in tta_fits.left_out] == [("finetune", True)]
+    assert tta_fits.left_out[0]["estimate_seconds"] == pytest.approx(cost["both"], abs=0.1)
+    neither = search_with((cost["tta"] + cost["plain"]) / 2, both)
+    assert neither.first_finetune() == lever and len(neither.left_out) == 2
+    assert search_with((cost["both"] + cost["tta"]) / 2, {"flip": True}).first_finetune() == lever
+    assert search_with(3600, {}).first_finetune() == lever
+
+
+def test_fine_tuning_takes_each_extra_that_paid_in_its_screen():
+    """paying_extras: flips where the screen's run with them, scored without tta, beat the plain
+    run; tta where that run scored higher with it; ties keep the cheaper."""
+    def tried(val, without_tta=None):
+        return recipe.Tried("screen-ft", "screen-ft-1", {}, {}, val_accuracy=val, val_accuracy_without_tta=without_tta)
+
+    assert recipe.paying_extras(tried(0.70), tried(0.74, 0.72)) == {"flip": True, "tta": True}
+    assert recipe.paying_extras(tried(0.72), tried(0.74, 0.72)) == {"tta": True}
+    assert recipe.paying_extras(tried(0.70), tried(0.71, 0.72)) == {"flip": True}
+    assert recipe.paying_extras(tried(0.73), tried(0.72, 0.72)) == {}
+    assert recipe.paying_extras(tried(0.70), tried(0.74)) == {}  # nothing to tell flips from tta by
 
 
 def test_the_budget_clock_starts_with_the_process():

@@ -351,3 +351,8 @@ def test_test_time_flips_score_what_the_logged_model_answers(image_folder, track
     untta = train("baseline", {**spec, "tta": False}, cache_dir=str(tmp_path / "cache"))
     # The same weights (the same seed), scored without the mirror images: other probabilities.
     assert untta.test_loss != pytest.approx(result.test_loss, abs=1e-7)
+    # ... and the tta run logs what those weights score without the flips: the run without tta's scores.
+    logged = mlflow.get_run(result.run_id).data.metrics
+    assert logged["test_accuracy_without_tta"] == pytest.approx(untta.test_accuracy)
+    assert logged["val_accuracy_without_tta"] == pytest.approx(untta.val_accuracy)
+    assert "val_accuracy_without_tta" not in mlflow.get_run(untta.run_id).data.metrics

@@ -98,9 +98,13 @@ class Costs:
 
     rates: dict[tuple, Rates] = field(default_factory=dict)  # (base, size) -> Rates
     done_passes: set = field(default_factory=set)  # passes made already: (base, size, preprocess, images, transform)
-    correction: float = 1.0  # actual / estimated seconds over the configurations so far
+    correction: float = 1.0  # actual / estimated seconds over the frozen configurations so far
     overhead: float = RUN_OVERHEAD_SECONDS
-    history: list[tuple[float, float]] = field(default_factory=list)  # (estimated, actual)
+    history: list[tuple[float, float, bool]] = field(default_factory=list)  # (estimated, actual, fine-tuned)
+    # actual / estimated over the fine-tuning runs alone, once one has run: their probe is a
+    # different step (Keras's train_on_batch on random maps) and was 2.1x off in the 45-minute
+    # VGG16 run (526 s estimated, 1,121 s taken) while the frozen runs' median ratio was near 1.
+    finetune_correction: float | None = None
 
     def passes(self, spec: dict, images: dict[str, int]) -> list[tuple[tuple, int]]:
         """The passes of the base this spec would make that are not made yet: (identity, images)."""
@@ -137,7 +141,8 @@ class Costs:
                 finetune = max(rates.finetune_sample.values(), default=rates.pass_image)
             # the block above the cut runs over every image once to derive the head's inputs
             seconds += spec["finetune_epochs"] * per_epoch * finetune + sum(images.values()) * finetune / 3
-        return self.correction * (seconds + self.overhead)
+        correction = self.finetune_correction if spec["unfreeze"] and self.finetune_correction else self.correction
+        return correction * (seconds + self.overhead)
 
     def made(self, spec: dict, images: dict[str, int], below_a_block: bool = False) -> None:
         """The spec's passes are cached now; `below_a_block`: its main pass stopped below the
@@ -149,12 +154,20 @@ class Costs:
         if below_a_block or spec["unfreeze"]:
             self.done_passes.add(key + ("", "below a block"))
 
-    def observe(self, estimated: float, actual: float) -> None:
+    def observe(self, estimated: float, actual: float, fine_tuned: bool = False) -> None:
         """Scale later estimates by how far the finished ones were off (the median ratio: one slow
-        configuration, a first trace, should not double everything after it)."""
-        self.history.append((estimated / self.correction, actual))
-        ratios = [a / e for e, a in self.history if e > 0]
-        self.correction = float(np.clip(np.median(ratios), 0.5, 4.0)) if ratios else 1.0
+        configuration, a first trace, should not double everything after it); fine-tuning runs'
+        estimates by the fine-tuning runs' own ratio once there is one (`finetune_correction`)."""
+        used = self.finetune_correction if fine_tuned and self.finetune_correction else self.correction
+        self.history.append((estimated / used, actual, fine_tuned))
+        frozen, tuned = ([entry for entry in self.history if entry[2] == kind] for kind in (False, True))
+        self.correction = _median_ratio(frozen or tuned)
+        self.finetune_correction = _median_ratio(tuned) if tuned else None
+
+
+def _median_ratio(history: list[tuple[float, float, bool]]) -> float:
+    ratios = [actual / estimated for estimated, actual, _ in history if estimated > 0]
+    return float(np.clip(np.median(ratios), 0.5, 4.0)) if ratios else 1.0
 
 
 def _seconds_per_call(call) -> float:

@@ -8,7 +8,8 @@ good candidates, successive halving across fidelities:
     probe    a few batches of each input's pass, a few steps of each head and fine-tuning depth
     plan     every candidate with its estimated seconds; what the budget leaves out, and its cost
     screen   every input x head (candidates.py) on a stratified sample, a third of the epochs
-    screen-ft with several bases, each base's best input fine-tuned on the sample: the bases' order
+    screen-ft each base's best input fine-tuned on the sample (the bases' order), the leader's also
+             with flips in training and at test time (whether fine-tuning takes them)
     full     the best third of the screen on every image, every epoch
     flip     the best with cached flips (one more pass, of the training images)
     finetune the best, its top blocks unfrozen: the fine-tuning levers, in the order the budget buys
@@ -54,9 +55,13 @@ ETA = 3  # successive halving: the best 1/ETA of a rung go on to the next
 # cosine schedule decays over the epochs it has (the 45-minute VGG16 run left fine-tuning out,
 # 1,670 s for 6 epochs with 16 minutes left, where 3 epochs would have fit).
 MIN_FINETUNE_EPOCHS = 2
-# With several bases, the screen's best input of each base is also fine-tuned on the sample for
-# this many epochs, and the bases go on in the order those reach (Search.run_finetune_screen).
+# The screen's best input of each base is also fine-tuned on the sample for this many epochs, and
+# the bases go on in the order those reach (Search.run_finetune_screen).
 FINETUNE_SCREEN_EPOCHS = 2
+# ... and the leader's once more with these: flips in training (from cached mirrored features, a
+# coin per image per epoch) and at test time. Fine-tuning on every image takes each where it paid on
+# validation in that screen (paying_extras) and fits the budget at its epochs (first_finetune).
+FINETUNE_SCREEN_EXTRAS = {"flip": True, "tta": True}
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
 
@@ -75,6 +80,7 @@ class Tried:
     run_id: str = ""
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    val_accuracy_without_tta: float | None = None  # with tta: the same weights scored without the flips
     seconds: float = 0.0
     ended_at: float = 0.0  # seconds since the process started, when it ended
     error: str = ""
@@ -143,6 +149,7 @@ class Search:
         self.pools: tuple[int, int] | None = None  # (training, test) images the data has
         self.screen_fields = {}
         self.screen_allowance = 0.0  # seconds the screen may take (plan)
+        self.finetune_extras: dict = {}  # those of FINETUNE_SCREEN_EXTRAS the fine-tuning screen found paying
 
     # --- before any long work --------------------------------------------------------------------
     def check(self) -> list[dict]:
@@ -257,8 +264,12 @@ class Search:
             mark = "" if number <= count else "  (left out for now: the budget)"
             self.say(f"  screen-{number:<3d} {seconds:7.0f} s  {_describe(candidate)}{mark}")
         for base, seconds in finetune_screen.items():
-            self.say(f"  screen-ft {seconds:6.0f} s at most  {base}'s best screened input, its top block fine-tuned "
-                     f"on the sample for {FINETUNE_SCREEN_EPOCHS} epochs")
+            if base == "extras":
+                self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's again with "
+                         f"{_describe(FINETUNE_SCREEN_EXTRAS)}")
+            else:
+                self.say(f"  screen-ft {seconds:6.0f} s at most  {base}'s best screened input, its top block "
+                         f"fine-tuned on the sample for {FINETUNE_SCREEN_EPOCHS} epochs")
         self.say(f"  full     the best {len(later['full'])} of the screen on every image: {sum(later['full']):.0f} s "
                  "at most")
         self.say(f"  head     the best with the other heads, on its cached features: about {sum(later['head']):.0f} s "
@@ -277,16 +288,17 @@ class Search:
                  f"{self.screen_allowance:.0f} s")
 
     def _finetune_screen_estimates(self, ordered: list[dict]) -> dict[str, float]:
-        """With several bases, the most each base's fine-tuning screen may cost (its dearest input
-        led the screen), after the screen's passes; with one base, nothing."""
-        if len({c["base"] for c in ordered}) < 2:
-            return {}
+        """The most each base's fine-tuning screen may cost (its dearest input led the screen), and
+        the leader's with FINETUNE_SCREEN_EXTRAS ('extras': the dearest of them), after the
+        screen's passes."""
         screen = [(c, self.screen_fields) for c in ordered]
-        estimates = {}
+        estimates, runs = {}, []
         for base in dict.fromkeys(c["base"] for c in ordered):
             dearest = max((c for c in ordered if c["base"] == base), key=lambda c: self._estimate(c, {}))
-            tuned = (_finetune_screen_diff(dearest), self.screen_fields)
-            estimates[base] = self._total(screen + [tuned])[-1]
+            runs.append((_finetune_screen_diff(dearest), self.screen_fields))
+            estimates[base] = self._total(screen + runs)[-1]
+        estimates["extras"] = max(self._total(screen + runs + [({**diff, **FINETUNE_SCREEN_EXTRAS}, fixed)])[-1]
+                                  for diff, fixed in runs)
         return estimates
 
     def _later(self, screened: list[dict]) -> dict[str, list[float]]:
@@ -307,7 +319,8 @@ class Search:
     def _total(self, runs: list[tuple[dict, dict]]) -> list[float]:
         """Each run's estimate, in order, where a later run finds the passes of the earlier ones."""
         costs = budgets.Costs(rates=self.costs.rates, done_passes=set(self.costs.done_passes),
-                              correction=self.costs.correction, overhead=self.costs.overhead)
+                              correction=self.costs.correction, overhead=self.costs.overhead,
+                              finetune_correction=self.costs.finetune_correction)
         seconds = []
         for candidate, fixed in runs:
             spec = self._spec(candidate, fixed)
@@ -327,32 +340,65 @@ class Search:
         return self._keep(done, "screen")
 
     def run_finetune_screen(self, screened: list[Tried], parent_id: str, tmp: Path) -> list[Tried]:
-        """With several bases: the screen's best input of each base, its top block fine-tuned on the
-        sample (FINETUNE_SCREEN_EPOCHS); returns the screen re-ranked base by base on those.
+        """The screen's best input of each base, its top block fine-tuned on the sample
+        (FINETUNE_SCREEN_EPOCHS); returns the screen re-ranked base by base on those. Then the
+        leader's again with FINETUNE_SCREEN_EXTRAS: fine-tuning on every image takes those that paid
+        on validation (`finetune_extras`: paying_extras, first_finetune).
 
         A frozen screen cannot see what fine-tuning adds, and that differs by base: in the 45-minute
         runs (docs/recipe.md) Xception at 128 px led VGG16 at 64 px frozen by 3.4 points on the
         sample and was chosen, reaching 79.34% test with its top block fine-tuned for 2 epochs,
         while VGG16 alone, its block5 fine-tuned, reached more. These runs cost a pass of the sample
         below the block and a few epochs through it; they stay at the screen's fidelity and only
-        rank the bases (never the chosen configuration)."""
+        rank the bases and choose the fine-tuning's flips (never the chosen configuration). With one
+        base the plain run is what the flips are measured against, and it corrects the estimates of
+        fine-tuning (budget.Costs.finetune_correction) before fine-tuning on every image is planned."""
         leaders: dict[str, Tried] = {}
         for tried in screened:  # best first
             leaders.setdefault(tried.spec["base"], tried)
-        if len(leaders) < 2:
-            return screened
-        tuned = {}
+        tuned: dict[str, Tried] = {}
         for base, leader in leaders.items():
             attempt = self.run("screen-ft", _finetune_screen_diff(_lever_diff(leader)), self.screen_fields, tmp,
                                parent_id, cache_below=DEEPEST)
             if not attempt.error:
-                tuned[base] = attempt.val_accuracy
-        ranked = rank_by_bases(screened, tuned)
-        if ranked is not screened:
+                tuned[base] = attempt
+        ranked = rank_by_bases(screened, {base: attempt.val_accuracy for base, attempt in tuned.items()})
+        if ranked is not screened and len(leaders) > 1:
             self.say("recipe: the bases go on in the order their fine-tuned screens reached: "
-                     + ", ".join(f"{base} {accuracy:.4f}" for base, accuracy in
-                                 sorted(tuned.items(), key=lambda item: -item[1])))
+                     + ", ".join(f"{base} {attempt.val_accuracy:.4f}" for base, attempt in
+                                 sorted(tuned.items(), key=lambda item: -item[1].val_accuracy)))
+        plain = tuned.get(ranked[0].spec["base"]) if ranked else None
+        if plain is not None:
+            extras = self.run("screen-ft", {**_lever_diff(plain), **FINETUNE_SCREEN_EXTRAS}, self.screen_fields,
+                              tmp, parent_id, cache_below=DEEPEST)
+            if not extras.error:
+                self.finetune_extras = paying_extras(plain, extras)
+                flips_alone = extras.val_accuracy_without_tta
+                self.say(f"recipe: fine-tuning takes {_describe(self.finetune_extras) if self.finetune_extras else 'neither'} of flip, tta: "
+                         f"val {plain.val_accuracy:.4f} plain, "
+                         f"{'?' if flips_alone is None else f'{flips_alone:.4f}'} with flips, "
+                         f"{extras.val_accuracy:.4f} with flips and tta, on the sample")
         return ranked
+
+    def first_finetune(self) -> dict:
+        """The first fine-tuning lever with those of the fine-tuning screen's extras that paid, the
+        most of them that fit at the lever's own epochs (flips cost a pass of the training images,
+        tta one of the test images): the screen compared them at equal epochs, so flips bought with
+        fewer epochs would be a configuration it never saw. Where none fits, the lever alone (its
+        epochs fitted by run_levers); what is dropped is listed as left out."""
+        lever = candidates.finetunes()[0]
+        if not self.finetune_extras or self.best is None or self.best.rung == "screen":
+            return lever
+        tries = [dict(self.finetune_extras)]
+        if self.finetune_extras.get("flip") and self.finetune_extras.get("tta"):
+            tries.append({"tta": True})  # tta alone: the same training, scored with the flips
+        for extras in tries:
+            diff = {**_lever_diff(self.best), **lever, **extras}
+            seconds = self._estimate(diff, {})
+            if seconds <= self.clock.left() - budgets.WRAP_UP_SECONDS:
+                return {**lever, **extras}
+            self._leave_out("finetune", diff, seconds)
+        return lever
 
     def rest_on_screen(self, parent_id: str, tmp: Path) -> None:
         """When nothing after the screen fits what is left, the rest of the budget screens the
@@ -425,6 +471,7 @@ class Search:
                                      dataset=self.dataset(spec), cache_below=cache_below)
             attempt.run_id, attempt.val_accuracy = result.run_id, result.val_accuracy
             attempt.test_accuracy = result.test_accuracy
+            attempt.val_accuracy_without_tta = result.val_accuracy_without_tta
             client = mlflow.MlflowClient()
             client.set_tag(result.run_id, "recipe_rung", rung)
             client.set_tag(result.run_id, "recipe_estimate_seconds", f"{attempt.estimate:.0f}")
@@ -442,7 +489,7 @@ class Search:
         attempt.seconds = time.perf_counter() - clock
         attempt.ended_at = self.clock.elapsed()
         if not attempt.error.startswith("left out"):  # a pass given up made nothing, and says nothing of the rate
-            self.costs.observe(attempt.estimate, attempt.seconds)
+            self.costs.observe(attempt.estimate, attempt.seconds, fine_tuned=bool(spec["unfreeze"]))
             self.costs.made(spec, images, below_a_block=bool(cache_below))
         self.tried.append(attempt)
         outcome = f"val {attempt.val_accuracy:.4f}" if not attempt.error else f"FAILED ({attempt.error})"
@@ -492,6 +539,19 @@ def rank_by_bases(screened: list[Tried], tuned: dict[str, float]) -> list[Tried]
     if not tuned or any(t.spec["base"] not in tuned for t in screened):
         return screened
     return sorted(screened, key=lambda t: (-tuned[t.spec["base"]], -t.val_accuracy))
+
+
+def paying_extras(plain: Tried, extras: Tried) -> dict:
+    """Which of FINETUNE_SCREEN_EXTRAS paid on validation in the fine-tuning screen: flips where the
+    run with them, scored without tta, beat the plain run; tta where the same run scored higher with
+    it than without (a tie keeps the cheaper)."""
+    paid = {}
+    without_tta = extras.val_accuracy_without_tta
+    if without_tta is not None and without_tta > plain.val_accuracy:
+        paid["flip"] = True
+    if without_tta is not None and extras.val_accuracy > without_tta:
+        paid["tta"] = True
+    return paid
 
 
 def _finetune_screen_diff(diff: dict) -> dict:
@@ -554,7 +614,7 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
             # The largest lever measured first (fine-tuning VGG16's top block: +9.5 points at 64 px,
             # flips +0.5: docs/performance.md), then the cheap test-time flips, flips, deeper tuning.
             finetunes = candidates.finetunes()
-            searching.run_levers("finetune", finetunes[:1], tmp, parent_id)
+            searching.run_levers("finetune", [searching.first_finetune()], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
             searching.run_levers("tta", [{"tta": True}], tmp, parent_id)
             _write_chosen(searching, parent_id, output)

@@ -29,6 +29,7 @@ class Result:
     model_uri: str  # runs:/<id>/model
     test_predictions: np.ndarray  # predicted class index per test image, from the trained network
     val_accuracy: float = float("nan")  # of the model as logged: what searches select on
+    val_accuracy_without_tta: float | None = None  # with tta: the same weights scored without the flips
 
 
 def _stop_at_deadline(at: float, early_stopping=None):
@@ -360,12 +361,16 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
         # earlier epoch): what the recipe search selects on, never the test accuracy.
         # With tta, both scores are those of the image and its mirror image (as the logged network answers).
         _, val_accuracy, _ = evaluate.score(model, inputs["val"], dataset.y_val, inputs.get("val_mirrored"))
+        metrics = {"val_accuracy_final": val_accuracy, "epochs_run": float(len(history.get("loss", [])))}
+        if inputs.get("val_mirrored") is not None:
+            # What the flips at test time bought, in the run itself: the same trained weights scored
+            # without them (a prediction of each split more; the training is tta's either way).
+            metrics["val_accuracy_without_tta"] = evaluate.score(model, inputs["val"], dataset.y_val)[1]
+            metrics["test_accuracy_without_tta"] = evaluate.score(model, inputs["test"], dataset.y_test)[1]
         outcome = evaluate.log_outcome(model, inputs["test"], dataset, history=history, spec=spec,
                                        x_test_mirrored=inputs.get("test_mirrored"),
-                                       stage_starts=stage_starts, logged_network=network.full,
-                                       metrics={"val_accuracy_final": val_accuracy,
-                                                "epochs_run": float(len(history.get("loss", [])))})
+                                       stage_starts=stage_starts, logged_network=network.full, metrics=metrics)
         run_id = active.info.run_id
     return Result(run_id=run_id, test_accuracy=outcome.test_accuracy, test_loss=outcome.test_loss,
                   model_uri=f"runs:/{run_id}/model", test_predictions=outcome.probabilities.argmax(axis=1),
-                  val_accuracy=val_accuracy)
+                  val_accuracy=val_accuracy, val_accuracy_without_tta=metrics.get("val_accuracy_without_tta"))
