@@ -61,8 +61,9 @@ def main() -> None:
     parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'recipe'",
                                 output_format="list")[0]
     load = lambda name: json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/{name}"))  # noqa: E731
-    configurations = [{key: c[key] for key in ("rung", "name", "diff", "estimate", "seconds", "ended_at",
-                                               "val_accuracy", "test_accuracy", "error")}
+    configurations = [{key: c.get(key) for key in ("rung", "name", "diff", "estimate", "seconds", "ended_at",
+                                                   "val_accuracy", "test_accuracy", "val_accuracy_without_tta",
+                                                   "error")}
                       for c in load("configurations.json")]
     result = {"command": " ".join(["tlkit", *command[3:]]), "cpu": cpu_model(), "cores": os.cpu_count(),
               "budget": args.budget, "wall_seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),

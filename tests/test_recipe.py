@@ -378,3 +378,18 @@ def test_the_docs_recipe_tables_are_the_benchmark_s_json(result):
         assert cells[-4] == f"{configuration['seconds']:,.0f}"
     assert f"{100 * found['best_test_accuracy']:.2f}% test" in section
     assert "(chosen)" in rows[found["chosen"]]
+
+
+def test_the_docs_lever_table_is_the_benchmark_s_json():
+    """docs/recipe.md's fine-tuning levers table and benchmarks/finetune_levers.py's JSON agree."""
+    from conftest import REPO
+
+    found = json.loads((REPO / "benchmarks" / "results" / "finetune-levers.json").read_text())
+    docs = (REPO / "docs" / "recipe.md").read_text()
+    section = docs[docs.index("benchmarks/results/finetune-levers.json`"):]
+    section = section[: section.index("\n### ")]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    for row in found["rows"]:
+        cells = [cell.strip() for cell in rows[row["arm"]].split("|")]
+        assert cells[2:5] == [f"{row['seconds']:,.0f}", f"{100 * row['val_accuracy']:.2f}%",
+                              f"{100 * row['test_accuracy']:.2f}%"], row["arm"]
