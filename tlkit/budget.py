@@ -141,8 +141,11 @@ class Costs:
                 finetune = max(rates.finetune_sample.values(), default=rates.pass_image)
             # the block above the cut runs over every image once to derive the head's inputs
             seconds += spec["finetune_epochs"] * per_epoch * finetune + sum(images.values()) * finetune / 3
-        correction = self.finetune_correction if spec["unfreeze"] and self.finetune_correction else self.correction
-        return correction * (seconds + self.overhead)
+        return self._correction(bool(spec["unfreeze"])) * (seconds + self.overhead)
+
+    def _correction(self, fine_tuned: bool) -> float:
+        """The ratio an estimate of this kind is scaled by: the fine-tuning runs' once there is one."""
+        return self.finetune_correction if fine_tuned and self.finetune_correction else self.correction
 
     def made(self, spec: dict, images: dict[str, int], below_a_block: bool = False) -> None:
         """The spec's passes are cached now; `below_a_block`: its main pass stopped below the
@@ -158,8 +161,7 @@ class Costs:
         """Scale later estimates by how far the finished ones were off (the median ratio: one slow
         configuration, a first trace, should not double everything after it); fine-tuning runs'
         estimates by the fine-tuning runs' own ratio once there is one (`finetune_correction`)."""
-        used = self.finetune_correction if fine_tuned and self.finetune_correction else self.correction
-        self.history.append((estimated / used, actual, fine_tuned))
+        self.history.append((estimated / self._correction(fine_tuned), actual, fine_tuned))
         frozen, tuned = ([entry for entry in self.history if entry[2] == kind] for kind in (False, True))
         self.correction = _median_ratio(frozen or tuned)
         self.finetune_correction = _median_ratio(tuned) if tuned else None
