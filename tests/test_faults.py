@@ -292,12 +292,21 @@ def _runs_in(db: Path) -> list[tuple]:
         return []
 
 
+# `python -m tlkit.cli`, with SIGINT handled as it is in a terminal's foreground job. A job that a
+# script starts in the background (`pytest ... &` without job control) inherits SIGINT ignored, and
+# Python then keeps ignoring it: the test's Ctrl-C did nothing and the run trained all its epochs
+# (seen twice in CI, reproduced with `bash -c 'pytest ... & wait'`). tlkit respects an ignored
+# SIGINT on purpose, as every Unix program should; the test must not depend on how it was started.
+AS_AT_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "sys.argv[0] = 'tlkit'; from tlkit.cli import entry; entry()")
+
+
 def interrupt_training(args: list[str], tmp_path: Path, sig: int, stage: str | None) -> tuple[int, str, Path]:
     """Start `tlkit train ARGS`, wait until (the `stage` run of) it has logged an epoch, send `sig`."""
     db = tmp_path / "mlflow.db"
     log = tmp_path / "train.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tlkit.cli", "train", *args], cwd=tmp_path,
+        process = subprocess.Popen([sys.executable, "-c", AS_AT_A_TERMINAL, "train", *args], cwd=tmp_path,
                                    env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}",
                                                  TLKIT_CACHE_DIR=str(tmp_path / "cache")),
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
