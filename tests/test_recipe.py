@@ -140,7 +140,9 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
 
     lines = []
     clock = budget.Clock(900, started=time.time())
-    searching = recipe.Search({"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8},
+    # precision given: the 16-bit screen (test_a_faster_precision_is_screened_and_kept_...) stays out
+    searching = recipe.Search({"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8,
+                               "precision": "float32"},
                               {"VGG16": "none", "Xception": "none"}, clock, None, say=lines.append)
     searching.check()
     inputs = [{"base": "VGG16", "image_size": 32, "preprocess": "base", "weights": "none"},
@@ -175,8 +177,69 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
     assert searching.best is screened[0]  # a sample's fine-tuning ranks bases; it is not a finalist
 
 
+@pytest.mark.e2e
+def test_a_faster_precision_is_screened_and_kept_only_where_validation_held(image_folder, tracking, tmp_path,
+                                                                           monkeypatch):
+    """Search.run_finetune_screen with FASTER_PRECISION: the leader's fine-tuning screen again in
+    mixed_bfloat16 (PRECISION_SPEEDUP 0 here: tiny inputs gain nothing from it), then every run
+    after in the precision keeps_precision chose, the extras measured against the same precision."""
+    from tlkit import tracking as runs
+
+    monkeypatch.setattr(recipe, "PRECISION_SPEEDUP", 0.0)
+    clock = budget.Clock(900, started=time.time())
+    searching = recipe.Search({"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8},
+                              {"VGG16": "none"}, clock, None, say=lambda line: None)
+    searching.check()
+    assert searching.precisions == ["float32", recipe.FASTER_PRECISION]
+    inputs = [{"base": "VGG16", "image_size": 32, "preprocess": "base", "weights": "none"}]
+    with runs.run("recipe") as parent:
+        searching.probe(inputs)
+        assert {key[2] for key in searching.costs.rates} == {"float32", recipe.FASTER_PRECISION}
+        searching.screen_allowance = 600.0
+        screened = searching.run_screen(inputs, parent.info.run_id, tmp_path)
+        searching.run_finetune_screen(screened, parent.info.run_id, tmp_path)
+        searching.run_full(screened, tmp_path, parent.info.run_id)
+    plain, fast, extras = [t for t in searching.tried if t.rung == "screen-ft"]
+    assert (plain.spec["precision"], fast.spec["precision"]) == ("float32", recipe.FASTER_PRECISION)
+    assert {k: v for k, v in fast.spec.items() if k != "precision"} == \
+        {k: v for k, v in plain.spec.items() if k != "precision"}
+    assert mlflow.get_run(fast.run_id).data.params["precision"] == recipe.FASTER_PRECISION
+    kept = recipe.keeps_precision(plain, fast, searching.images(fast.spec)["val"])
+    decided = recipe.FASTER_PRECISION if kept else "float32"
+    assert extras.spec["flip"] and extras.spec["precision"] == decided
+    assert searching.finetune_extras == recipe.paying_extras(fast if kept else plain, extras)
+    [full] = [t for t in searching.tried if t.rung == "full"]
+    assert full.spec["precision"] == decided and (full.diff.get("precision") == recipe.FASTER_PRECISION) == kept
+
+
+def test_the_faster_precision_is_kept_within_a_standard_error_and_tried_only_where_it_saves():
+    def tried(val):
+        return recipe.Tried("screen-ft", "screen-ft-1", {}, {}, val_accuracy=val)
+
+    assert recipe.keeps_precision(tried(0.70), tried(0.70), 500)
+    assert recipe.keeps_precision(tried(0.70), tried(0.69), 500)  # one standard error is 2.05 points
+    assert not recipe.keeps_precision(tried(0.70), tried(0.67), 500)
+    assert not recipe.keeps_precision(tried(0.70), tried(0.69), 50000)
+    # Screened where the probe's rates make fine-tuning the leader on every image PRECISION_SPEEDUP
+    # times faster; never where the user named a precision.
+    def search_with(fast_rate: float, overrides: dict = {}) -> recipe.Search:
+        clock = budget.Clock(3600, started=time.time())
+        searching = recipe.Search({"weights": "none", **overrides}, {"VGG16": "none"}, clock, None,
+                                  say=lambda line: None)
+        searching.costs = budget.Costs(rates={
+            ("VGG16", 32, precision): budget.Rates(pass_image=rate, head_sample=0.0, finetune_sample={"top1": rate})
+            for precision, rate in (("float32", 0.01), (recipe.FASTER_PRECISION, fast_rate))}, overhead=0.0)
+        return searching
+
+    leader = recipe.Tried("screen", "screen-1", {"units": 1024}, {})
+    assert search_with(0.01 / (recipe.PRECISION_SPEEDUP + 0.1)).precision_pays_off(leader)
+    assert not search_with(0.01 / (recipe.PRECISION_SPEEDUP - 0.1)).precision_pays_off(leader)
+    named = search_with(0.001, {"precision": "float32"})
+    assert named.precisions == ["float32"] and not named.precision_pays_off(leader)
+
+
 def test_estimates_count_each_pass_once_and_learn_from_the_runs():
-    costs = budget.Costs(rates={("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.001,
+    costs = budget.Costs(rates={("VGG16", 32, "float32"): budget.Rates(pass_image=0.01, head_sample=0.001,
                                                               finetune_sample={"top1": 0.004})}, overhead=0.0)
     spec = specs.merge({"weights": "none", "epochs": 2})
     images = {"train": 900, "val": 100, "test": 1000}
@@ -195,7 +258,7 @@ def test_fine_tuning_estimates_learn_from_fine_tuning_runs_alone():
     """The probe's fine-tuning step and a frozen head's are different work: once a fine-tuning run
     has finished, fine-tuning estimates are corrected by the fine-tuning runs' ratio, frozen ones by
     the frozen runs'."""
-    costs = budget.Costs(rates={("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.001,
+    costs = budget.Costs(rates={("VGG16", 32, "float32"): budget.Rates(pass_image=0.01, head_sample=0.001,
                                                               finetune_sample={"top1": 0.004})}, overhead=0.0)
     frozen = specs.merge({"weights": "none", "epochs": 2})
     tuned = dict(frozen, unfreeze="top1", finetune_epochs=3)
@@ -212,7 +275,7 @@ def test_fine_tuning_estimates_learn_from_fine_tuning_runs_alone():
 def test_fine_tuning_pays_for_a_pass_below_its_block_unless_one_was_cut_there():
     """A frozen run's pass stops at the base's output, which fine-tuning cannot use; a pass cut
     below the deepest depth (the recipe's cache_below) serves both."""
-    rates = {("VGG16", 32): budget.Rates(pass_image=0.01, head_sample=0.0, finetune_sample={"top1": 0.0})}
+    rates = {("VGG16", 32, "float32"): budget.Rates(pass_image=0.01, head_sample=0.0, finetune_sample={"top1": 0.0})}
     spec = specs.merge({"weights": "none", "epochs": 1})
     tuned = dict(spec, unfreeze="top1", finetune_epochs=1)
     images = {"train": 900, "val": 100, "test": 1000}
@@ -261,7 +324,7 @@ def test_fine_tuning_that_does_not_fit_runs_at_the_most_epochs_that_do():
     def search_with(seconds_left: float) -> recipe.Search:
         clock = budget.Clock(seconds_left + budget.WRAP_UP_SECONDS, started=time.time())
         searching = recipe.Search({"weights": "none"}, {"VGG16": "none"}, clock, None, say=lambda line: None)
-        searching.costs = budget.Costs(rates={("VGG16", 32): budget.Rates(
+        searching.costs = budget.Costs(rates={("VGG16", 32, "float32"): budget.Rates(
             pass_image=0.0, head_sample=0.0, finetune_sample={"top1": 0.001})}, overhead=0.0)
         return searching
 
@@ -284,7 +347,7 @@ def test_fine_tuning_takes_the_screen_s_flips_only_where_they_fit_at_its_epochs(
     def search_with(seconds_left: float, extras: dict) -> recipe.Search:
         clock = budget.Clock(seconds_left + budget.WRAP_UP_SECONDS, started=time.time())
         searching = recipe.Search({"weights": "none"}, {"VGG16": "none"}, clock, None, say=lambda line: None)
-        searching.costs = budget.Costs(rates={("VGG16", 32): budget.Rates(
+        searching.costs = budget.Costs(rates={("VGG16", 32, "float32"): budget.Rates(
             pass_image=0.01, head_sample=0.0, finetune_sample={"top1": 0.001})}, overhead=0.0)
         searching.costs.made(searching.base_spec, searching.images(searching.base_spec), below_a_block=True)
         searching.best = recipe.Tried("head", "head-1", {"units": 1024}, searching._spec({"units": 1024}, {}))

@@ -83,9 +83,14 @@ class Clock:
         return self.started + self.budget
 
 
+def rates_key(spec: dict) -> tuple[str, int, str]:
+    """Which probed rates a spec's work runs at: (base, image size, precision)."""
+    return spec["base"], spec["image_size"], spec["precision"]
+
+
 @dataclass
 class Rates:
-    """Seconds per image of each kind of work for one input (base, size), measured by `probe`."""
+    """Seconds per image of each kind of work for one input (base, size, precision), measured by `probe`."""
 
     pass_image: float  # the base's pass, per image
     head_sample: float  # one training step of the largest head candidate, per training image
@@ -96,8 +101,9 @@ class Rates:
 class Costs:
     """Estimated seconds of a configuration from the probed rates, corrected as runs finish."""
 
-    rates: dict[tuple, Rates] = field(default_factory=dict)  # (base, size) -> Rates
-    done_passes: set = field(default_factory=set)  # passes made already: (base, size, preprocess, images, transform)
+    rates: dict[tuple, Rates] = field(default_factory=dict)  # rates_key: (base, size, precision) -> Rates
+    # passes made already: (base, size, preprocess, precision, images, transform)
+    done_passes: set = field(default_factory=set)
     correction: float = 1.0  # actual / estimated seconds over the frozen configurations so far
     overhead: float = RUN_OVERHEAD_SECONDS
     history: list[tuple[float, float, bool]] = field(default_factory=list)  # (estimated, actual, fine-tuned)
@@ -108,7 +114,7 @@ class Costs:
 
     def passes(self, spec: dict, images: dict[str, int]) -> list[tuple[tuple, int]]:
         """The passes of the base this spec would make that are not made yet: (identity, images)."""
-        key = (spec["base"], spec["image_size"], spec["preprocess"], images["train"], images["test"])
+        key = (spec["base"], spec["image_size"], spec["preprocess"], spec["precision"], images["train"], images["test"])
         # Fine-tuning needs features from below its blocks: a pass that stopped at the base's output
         # (a frozen run's own) does not serve it. The recipe cuts every pass that is not the
         # screen's below its deepest fine-tuning depth, which serves both (train.py derives).
@@ -127,7 +133,7 @@ class Costs:
 
     def estimate(self, spec: dict, images: dict[str, int]) -> float:
         """Seconds for one configuration on `images` (train, val, test counts) at the spec's epochs."""
-        rates = self.rates[(spec["base"], spec["image_size"])]
+        rates = self.rates[rates_key(spec)]
         seconds = sum(n for _, n in self.passes(spec, images)) * rates.pass_image
         if spec["tta"]:  # the validation and test images scored twice
             seconds += (images["val"] + images["test"]) * rates.head_sample / 3
@@ -152,7 +158,7 @@ class Costs:
         deepest fine-tuning depth (the recipe's `cache_below`), so fine-tuning finds it too."""
         for identity, _ in self.passes(spec, images):
             self.done_passes.add(identity)
-        key = (spec["base"], spec["image_size"], spec["preprocess"], images["train"], images["test"])
+        key = (spec["base"], spec["image_size"], spec["preprocess"], spec["precision"], images["train"], images["test"])
         self.done_passes.add(key + ("",))
         if below_a_block or spec["unfreeze"]:
             self.done_passes.add(key + ("", "below a block"))
@@ -180,15 +186,21 @@ def _seconds_per_call(call) -> float:
 
 
 def probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> Rates:
-    """Measure one input's rates on random inputs (speed does not depend on the values): a batch of
-    the base's pass; the head's forward pass times TRAIN_TO_INFERENCE for its training step; and a
-    real training step of each fine-tuning depth (its blocks and the head, at the spec's batch).
+    """Measure one input's rates in the spec's precision, on random inputs (speed does not depend
+    on the values): a batch of the base's pass; the head's forward pass times TRAIN_TO_INFERENCE for
+    its training step; and a real training step of each fine-tuning depth (its blocks and the head,
+    at the spec's batch).
 
     The head is traced for inference only: it costs milliseconds an image either way and the runs
     correct the estimates (Costs.observe). Fine-tuning is where the budget's big decision lies, and
     3x a forward pass missed it (VGG16's top block at 64 px: 5.2 ms an image against 4.1 ms
     measured, which left fine-tuning out of a 45-minute run with 16 minutes to spare), so its step
     is timed for real: a trace of 1-2 s a depth, at each base's largest size only (Search.probe)."""
+    with models.precision(spec):  # the layers compute as train.py builds them
+        return _probe(spec, num_classes, depths, head_spec)
+
+
+def _probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> Rates:
     import keras
 
     rng = np.random.default_rng(0)
@@ -217,8 +229,8 @@ def probe(spec: dict, num_classes: int, depths: list[str], head_spec: dict) -> R
         y = np.eye(num_classes, dtype="float32")[rng.integers(0, num_classes, spec["batch_size"])]
         finetune_sample[depth] = _seconds_per_call(lambda: tuned.trainable.train_on_batch(x, y)) / spec["batch_size"]
     keras.backend.clear_session()
-    log.info("probe %s at %d px: pass %.2f ms/image, head %.3f ms/image, fine-tuning %s", spec["base"],
-             spec["image_size"], pass_image * 1e3, head_sample * 1e3,
+    log.info("probe %s at %d px, %s: pass %.2f ms/image, head %.3f ms/image, fine-tuning %s", spec["base"],
+             spec["image_size"], spec["precision"], pass_image * 1e3, head_sample * 1e3,
              ", ".join(f"{d} {s * 1e3:.2f} ms/image" for d, s in finetune_sample.items()) or "none")
     return Rates(pass_image=pass_image, head_sample=head_sample, finetune_sample=finetune_sample)
 

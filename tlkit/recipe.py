@@ -62,6 +62,14 @@ FINETUNE_SCREEN_EPOCHS = 2
 # coin per image per epoch) and at test time. Fine-tuning on every image takes each where it paid on
 # validation in that screen (paying_extras) and fits the budget at its epochs (first_finetune).
 FINETUNE_SCREEN_EXTRAS = {"flip": True, "tta": True}
+# ... and in 16-bit compute, where the probe says that fine-tuning the leader on every image (its
+# pass and its epochs) would take at most 1/PRECISION_SPEEDUP of the time in float32. On an AMD EPYC
+# Zen 4 (AVX512_BF16) VGG16's pass at 64 px ran 2.0-2.6x faster in mixed_bfloat16 and block5's
+# training step 1.1-1.3x (benchmarks/precision.py); a CPU without bf16 instructions emulates it,
+# slower, and never gets here. The rest of the search takes it where the sample's validation
+# accuracy held (keeps_precision): the time it saves buys flips or epochs in fine-tuning.
+FASTER_PRECISION = "mixed_bfloat16"
+PRECISION_SPEEDUP = 1.25
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
 
@@ -150,6 +158,11 @@ class Search:
         self.screen_fields = {}
         self.screen_allowance = 0.0  # seconds the screen may take (plan)
         self.finetune_extras: dict = {}  # those of FINETUNE_SCREEN_EXTRAS the fine-tuning screen found paying
+        # FASTER_PRECISION is a lever unless the user named a precision (--precision float32 keeps it).
+        self.precisions = [self.base_spec["precision"]] + (
+            [FASTER_PRECISION] if overrides.get("precision") is None and self.base_spec["precision"] != FASTER_PRECISION
+            else [])
+        self.decided: dict = {}  # fields the search has settled for every run after (the precision)
 
     # --- before any long work --------------------------------------------------------------------
     def check(self) -> list[dict]:
@@ -202,16 +215,19 @@ class Search:
         largest_head = max(candidates.HEADS, key=lambda h: h.get("units", 0))
         for base in self.bases:
             sizes = sorted({c["image_size"] for c in screen if c["base"] == base})
-            for size in reversed(sizes):
-                spec = specs.merge({"base": base, "image_size": size, "preprocess": "base"}, self.base_spec)
-                if num_classes is None:
-                    num_classes = len(self.dataset(dict(spec, **self.screen_fields)).class_names)
-                top = sizes[-1]
-                rates = budgets.probe(spec, num_classes, depths if size == top else [], largest_head)
-                if size != top:
-                    ratio = (size / top) ** 2
-                    rates.finetune_sample = {d: s * ratio for d, s in self.costs.rates[(base, top)].finetune_sample.items()}
-                self.costs.rates[(base, size)] = rates
+            for precision in self.precisions:
+                for size in reversed(sizes):
+                    spec = specs.merge({"base": base, "image_size": size, "preprocess": "base", "precision": precision},
+                                       self.base_spec)
+                    if num_classes is None:
+                        num_classes = len(self.dataset(dict(spec, **self.screen_fields)).class_names)
+                    top = sizes[-1]
+                    rates = budgets.probe(spec, num_classes, depths if size == top else [], largest_head)
+                    if size != top:
+                        ratio = (size / top) ** 2
+                        rates.finetune_sample = {d: s * ratio for d, s in
+                                                 self.costs.rates[(base, top, precision)].finetune_sample.items()}
+                    self.costs.rates[budgets.rates_key(spec)] = rates
         self.say(f"recipe: probed {len(self.costs.rates)} inputs in {time.perf_counter() - started:.0f} s "
                  f"[{budgets.minutes(self.clock.elapsed())} in, {budgets.minutes(self.clock.left())} left]")
 
@@ -264,7 +280,10 @@ class Search:
             mark = "" if number <= count else "  (left out for now: the budget)"
             self.say(f"  screen-{number:<3d} {seconds:7.0f} s  {_describe(candidate)}{mark}")
         for base, seconds in finetune_screen.items():
-            if base == "extras":
+            if base == "precision":
+                self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's in {FASTER_PRECISION}, where the probe "
+                         f"says it saves {1 - 1 / PRECISION_SPEEDUP:.0%} of fine-tuning on every image")
+            elif base == "extras":
                 self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's again with "
                          f"{_describe(FINETUNE_SCREEN_EXTRAS)}")
             else:
@@ -299,6 +318,9 @@ class Search:
             estimates[base] = self._total(screen + runs)[-1]
         estimates["extras"] = max(self._total(screen + runs + [({**diff, **FINETUNE_SCREEN_EXTRAS}, fixed)])[-1]
                                   for diff, fixed in runs)
+        if len(self.precisions) > 1:
+            estimates["precision"] = max(self._total(screen + runs + [({**diff, "precision": FASTER_PRECISION}, fixed)])[-1]
+                                         for diff, fixed in runs)
         return estimates
 
     def _later(self, screened: list[dict]) -> dict[str, list[float]]:
@@ -368,6 +390,18 @@ class Search:
                      + ", ".join(f"{base} {attempt.val_accuracy:.4f}" for base, attempt in
                                  sorted(tuned.items(), key=lambda item: -item[1].val_accuracy)))
         plain = tuned.get(ranked[0].spec["base"]) if ranked else None
+        if plain is not None and self.precision_pays_off(ranked[0]):
+            fast = self.run("screen-ft", {**_lever_diff(plain), "precision": FASTER_PRECISION}, self.screen_fields,
+                            tmp, parent_id, cache_below=DEEPEST)
+            if not fast.error:
+                kept = keeps_precision(plain, fast, self.images(fast.spec)["val"])
+                self.say(f"recipe: {'every run after takes' if kept else 'the search stays in'} "
+                         f"{FASTER_PRECISION if kept else plain.spec['precision']}: val {plain.val_accuracy:.4f} in "
+                         f"{plain.spec['precision']} ({plain.seconds:.0f} s), {fast.val_accuracy:.4f} in "
+                         f"{FASTER_PRECISION} ({fast.seconds:.0f} s), on the sample")
+                if kept:
+                    self.decided = {"precision": FASTER_PRECISION}
+                    plain = fast  # what the extras are measured against: the same precision
         if plain is not None:
             extras = self.run("screen-ft", {**_lever_diff(plain), **FINETUNE_SCREEN_EXTRAS}, self.screen_fields,
                               tmp, parent_id, cache_below=DEEPEST)
@@ -379,6 +413,19 @@ class Search:
                          f"{'?' if flips_alone is None else f'{flips_alone:.4f}'} with flips, "
                          f"{extras.val_accuracy:.4f} with flips and tta, on the sample")
         return ranked
+
+    def precision_pays_off(self, leader: Tried) -> bool:
+        """Whether FASTER_PRECISION is worth a screen: the probe's estimate of fine-tuning the
+        screen's leader on every image (its pass below the block, its epochs) is at most
+        1/PRECISION_SPEEDUP of the same in the search's own precision."""
+        if len(self.precisions) < 2:
+            return False
+        diff = {**_lever_diff(leader), **candidates.finetunes()[0]}
+        own, fast = (self._estimate({**diff, "precision": precision}, {}) for precision in self.precisions)
+        self.say(f"recipe: the probe puts fine-tuning {leader.name}'s input on every image at {own:.0f} s in "
+                 f"{self.precisions[0]}, {fast:.0f} s in {FASTER_PRECISION}"
+                 + ("" if fast * PRECISION_SPEEDUP <= own else f": not {PRECISION_SPEEDUP}x faster, not screened"))
+        return fast * PRECISION_SPEEDUP <= own
 
     def first_finetune(self) -> dict:
         """The first fine-tuning lever with those of the fine-tuning screen's extras that paid, the
@@ -450,7 +497,7 @@ class Search:
         import mlflow
 
         spec = self._spec(candidate, fixed)
-        diff = {k: v for k, v in {**candidate, **fixed}.items() if self.base_spec.get(k) != v}
+        diff = {k: v for k, v in {**self.decided, **candidate, **fixed}.items() if self.base_spec.get(k) != v}
         attempt = Tried(rung, f"{rung}-{sum(t.rung == rung for t in self.tried) + 1}", diff, spec)
         if any(t.spec == spec and not t.error for t in self.tried):
             return next(t for t in self.tried if t.spec == spec and not t.error)  # it ran already
@@ -519,7 +566,7 @@ class Search:
 
     # --- small pieces ------------------------------------------------------------------------------
     def _spec(self, candidate: dict, fixed: dict) -> dict:
-        return specs.merge({**candidate, **fixed}, self.base_spec)
+        return specs.merge({**self.decided, **candidate, **fixed}, self.base_spec)
 
     def _estimate(self, candidate: dict, fixed: dict) -> float:
         spec = self._spec(candidate, fixed)
@@ -552,6 +599,16 @@ def paying_extras(plain: Tried, extras: Tried) -> dict:
     if without_tta is not None and extras.val_accuracy > without_tta:
         paid["tta"] = True
     return paid
+
+
+def keeps_precision(own: Tried, fast: Tried, val_images: int) -> bool:
+    """Whether the faster precision held on validation in the fine-tuning screen: its accuracy no
+    further below the search's own precision's than one standard error of that accuracy on
+    `val_images` images (about 2 points on the sample's 500). The check catches a precision that
+    breaks training, which costs many points; a fraction of a point is below what 500 images can
+    show, and is measured at a larger sample in benchmarks/precision.py."""
+    p = own.val_accuracy
+    return fast.val_accuracy >= p - math.sqrt(max(p * (1 - p), 1e-12) / max(val_images, 1))
 
 
 def _finetune_screen_diff(diff: dict) -> dict:
