@@ -154,11 +154,12 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
         assert len(screened) == 2
         ranked = searching.run_finetune_screen(screened, parent.info.run_id, tmp_path)
     tuned = [t for t in searching.tried if t.rung == "screen-ft"]
-    plain, extras = tuned[:2], tuned[2:]
+    plain, extras, [deeper] = tuned[:2], tuned[2:3], tuned[3:]
     assert sorted(t.spec["base"] for t in plain) == ["VGG16", "Xception"]
     for attempt in tuned:
         assert not attempt.error and attempt.estimate > 0
-        assert (attempt.spec["unfreeze"], attempt.spec["finetune_epochs"]) == ("top1", recipe.FINETUNE_SCREEN_EPOCHS)
+        depth = "top2" if attempt is deeper else "top1"
+        assert (attempt.spec["unfreeze"], attempt.spec["finetune_epochs"]) == (depth, recipe.FINETUNE_SCREEN_EPOCHS)
         assert attempt.spec["limit"] == searching.screen_fields["limit"]
         found = mlflow.get_run(attempt.run_id)
         assert found.data.tags["recipe_rung"] == "screen-ft"
@@ -174,6 +175,10 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
         {k: v for k, v in leader.spec.items() if k not in ("flip", "tta")}
     assert flipped.val_accuracy_without_tta == mlflow.get_run(flipped.run_id).data.metrics["val_accuracy_without_tta"]
     assert searching.finetune_extras == recipe.paying_extras(leader, flipped)
+    # Then the leader's with two blocks: fine-tuning on every image starts with the depth that won.
+    assert {k: v for k, v in deeper.spec.items() if k != "unfreeze"} == \
+        {k: v for k, v in leader.spec.items() if k != "unfreeze"}
+    assert searching.finetune_lever["unfreeze"] == ("top2" if deeper.val_accuracy > leader.val_accuracy else "top1")
     assert searching.best is screened[0]  # a sample's fine-tuning ranks bases; it is not a finalist
 
 
@@ -199,7 +204,8 @@ def test_a_faster_precision_is_screened_and_kept_only_where_validation_held(imag
         screened = searching.run_screen(inputs, parent.info.run_id, tmp_path)
         searching.run_finetune_screen(screened, parent.info.run_id, tmp_path)
         searching.run_full(screened, tmp_path, parent.info.run_id)
-    plain, fast, extras = [t for t in searching.tried if t.rung == "screen-ft"]
+    plain, fast, extras, deeper = [t for t in searching.tried if t.rung == "screen-ft"]
+    assert deeper.spec["unfreeze"] == "top2" and deeper.spec["precision"] == extras.spec["precision"]
     assert (plain.spec["precision"], fast.spec["precision"]) == ("float32", recipe.FASTER_PRECISION)
     assert {k: v for k, v in fast.spec.items() if k != "precision"} == \
         {k: v for k, v in plain.spec.items() if k != "precision"}
@@ -365,10 +371,31 @@ def test_fine_tuning_takes_the_screen_s_flips_only_where_they_fit_at_its_epochs(
     assert tta_fits.first_finetune() == {**lever, **tta}  # flips dropped, listed with their cost
     assert [(item["rung"], item["diff"].get("flip")) for item in tta_fits.left_out] == [("finetune", True)]
     assert tta_fits.left_out[0]["estimate_seconds"] == pytest.approx(cost["both"], abs=0.1)
-    neither = search_with((cost["tta"] + cost["plain"]) / 2, both)
+    # tta changes no training: where it does not fit at the lever's epochs, it runs at fewer
+    fewer = search_with((cost["tta"] + cost["plain"]) / 2, both)
+    chosen = fewer.first_finetune()
+    assert chosen == {**lever, **tta, "finetune_epochs": chosen["finetune_epochs"]}
+    assert recipe.MIN_FINETUNE_EPOCHS <= chosen["finetune_epochs"] < lever["finetune_epochs"]
+    assert [item["diff"].get("flip") for item in fewer.left_out] == [True]
+    short = roomy._estimate({"units": 1024, **lever, **tta, "finetune_epochs": recipe.MIN_FINETUNE_EPOCHS}, {})
+    neither = search_with(short * 0.9, both)
     assert neither.first_finetune() == lever and len(neither.left_out) == 2
     assert search_with((cost["both"] + cost["tta"]) / 2, {"flip": True}).first_finetune() == lever
     assert search_with(3600, {}).first_finetune() == lever
+    # The depth the fine-tuning screen chose (run_depth_screen) is the lever the extras go on.
+    deeper = search_with(3600, both)
+    deeper.finetune_lever = recipe.DEEPER_FINETUNE
+    assert deeper.first_finetune() == {**recipe.DEEPER_FINETUNE, **both}
+
+
+def test_a_configuration_left_out_by_two_rungs_is_listed_once():
+    """Fine-tuning with flips left out by the fine-tuning rung is the flip rung's candidate too."""
+    searching = recipe.Search({"weights": "none"}, {"VGG16": "none"}, budget.Clock(60), None, say=lambda line: None)
+    diff = {"units": 1024, "unfreeze": "top1", "tta": True, "flip": True}
+    searching._leave_out("finetune", diff, 1750.0)
+    searching._leave_out("flip", dict(reversed(diff.items())), 1750.0)
+    searching._leave_out("flip", {**diff, "finetune_epochs": 3}, 900.0)
+    assert [item["rung"] for item in searching.left_out] == ["finetune", "flip"]
 
 
 def test_fine_tuning_takes_each_extra_that_paid_in_its_screen():

@@ -24,32 +24,49 @@ class Outcome:
     probabilities: np.ndarray  # class probabilities per test image, in the data set's order
 
 
-def score(model, x, y, x_mirrored=None) -> tuple[float, float, np.ndarray]:
-    """Test loss (the seed's categorical cross-entropy, averaged), accuracy and class probabilities
-    of model on inputs x with one-hot labels y, from fastpath.predict: the numbers model.evaluate gives.
-    x_mirrored: the same samples' mirror images (the spec's `tta`): each probability is then the mean
-    of the two, as models.with_test_time_flips computes it in the logged network."""
+def predict(model, x, x_mirrored=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities of model on inputs x (fastpath.predict: what model.predict gives), and
+    with x_mirrored (the same samples' mirror images, the spec's `tta`) the mean of each with its
+    mirror's, as models.with_test_time_flips computes it in the logged network; else None. A tta run
+    reports both from one prediction of each (train.py: the same weights with and without the flips)."""
+    probabilities = fastpath.predict(model, x)
+    if x_mirrored is None:
+        return probabilities, None
+    return probabilities, (probabilities + fastpath.predict(model, x_mirrored)) / 2  # keras.layers.Average's order
+
+
+def loss_and_accuracy(probabilities: np.ndarray, y) -> tuple[float, float]:
+    """The seed's categorical cross-entropy (averaged) and accuracy of probabilities against one-hot y:
+    the numbers model.evaluate gives."""
     import keras
 
-    probabilities = fastpath.predict(model, x)
-    if x_mirrored is not None:
-        probabilities = (probabilities + fastpath.predict(model, x_mirrored)) / 2  # keras.layers.Average's order
     loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))))
-    accuracy = float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
-    return loss, accuracy, probabilities
+    return loss, float(np.mean(probabilities.argmax(axis=1) == y.argmax(axis=1)))
+
+
+def score(model, x, y, x_mirrored=None) -> tuple[float, float, np.ndarray]:
+    """Loss, accuracy and class probabilities of model on x against one-hot y; with x_mirrored,
+    those of each sample averaged with its mirror image's (predict)."""
+    plain, flipped = predict(model, x, x_mirrored)
+    probabilities = plain if flipped is None else flipped
+    return (*loss_and_accuracy(probabilities, y), probabilities)
 
 
 def log_outcome(model, x_test, dataset, *, history: dict, spec: dict, stage_starts=(), logged_network=None,
-                metrics: dict | None = None, x_test_mirrored=None) -> Outcome:
+                metrics: dict | None = None, x_test_mirrored=None, probabilities: np.ndarray | None = None) -> Outcome:
     """Score `model` on x_test (the test images, or their cached features) against the data set's
     labels and log into the active run: test_accuracy, test_loss, test_images and `metrics`, the
     per-image predictions (stats.PREDICTIONS_ARTIFACT), the reports (reports/: confusion matrix,
     per-class scores, curves; per-class metrics), then
     `logged_network` (the end-to-end network that takes raw pixels) as the model, if given.
-    x_test_mirrored: the test samples' mirror images, for test-time flips (score)."""
+    x_test_mirrored: the test samples' mirror images, for test-time flips (score).
+    probabilities: the test images' as score would give them, where the caller has them already."""
     import mlflow
 
-    test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test, x_test_mirrored)
+    if probabilities is None:
+        test_loss, test_accuracy, probabilities = score(model, x_test, dataset.y_test, x_test_mirrored)
+    else:
+        test_loss, test_accuracy = loss_and_accuracy(probabilities, dataset.y_test)
     truth = dataset.y_test.argmax(axis=1)
     mlflow.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, "test_images": float(len(truth)),
                         **(metrics or {})})

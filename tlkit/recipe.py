@@ -72,6 +72,11 @@ FASTER_PRECISION = "mixed_bfloat16"
 PRECISION_SPEEDUP = 1.25
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
+# ... and the fine-tuning screen tries that depth on the leader too, where it could run on every
+# image at MIN_FINETUNE_EPOCHS in what is left: fine-tuning on every image then takes the depth that
+# reached more on the sample (VGG16's two top blocks: +2.8 points over one on a 10,000-image sample,
+# benchmarks/finetune_levers.py), at the most epochs that fit.
+DEEPER_FINETUNE = next(lever for lever in candidates.finetunes() if lever["unfreeze"] == DEEPEST)
 
 
 class RecipeError(RuntimeError):
@@ -163,6 +168,7 @@ class Search:
             [FASTER_PRECISION] if overrides.get("precision") is None and self.base_spec["precision"] != FASTER_PRECISION
             else [])
         self.decided: dict = {}  # fields the search has settled for every run after (the precision)
+        self.finetune_lever: dict = candidates.finetunes()[0]  # the depth fine-tuning on every image starts with
 
     # --- before any long work --------------------------------------------------------------------
     def check(self) -> list[dict]:
@@ -280,7 +286,10 @@ class Search:
             mark = "" if number <= count else "  (left out for now: the budget)"
             self.say(f"  screen-{number:<3d} {seconds:7.0f} s  {_describe(candidate)}{mark}")
         for base, seconds in finetune_screen.items():
-            if base == "precision":
+            if base == "deeper":
+                self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's with {DEEPER_FINETUNE['unfreeze']} "
+                         "fine-tuned, where that could run on every image")
+            elif base == "precision":
                 self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's in {FASTER_PRECISION}, where the probe "
                          f"says it saves {1 - 1 / PRECISION_SPEEDUP:.0%} of fine-tuning on every image")
             elif base == "extras":
@@ -321,6 +330,9 @@ class Search:
         if len(self.precisions) > 1:
             estimates["precision"] = max(self._total(screen + runs + [({**diff, "precision": FASTER_PRECISION}, fixed)])[-1]
                                          for diff, fixed in runs)
+        estimates["deeper"] = max(self._total(screen + runs + [({**diff, **DEEPER_FINETUNE,
+                                                                  "finetune_epochs": FINETUNE_SCREEN_EPOCHS}, fixed)])[-1]
+                                  for diff, fixed in runs)
         return estimates
 
     def _later(self, screened: list[dict]) -> dict[str, list[float]]:
@@ -412,7 +424,31 @@ class Search:
                          f"val {plain.val_accuracy:.4f} plain, "
                          f"{'?' if flips_alone is None else f'{flips_alone:.4f}'} with flips, "
                          f"{extras.val_accuracy:.4f} with flips and tta, on the sample")
+            self.run_depth_screen(plain, ranked[0], parent_id, tmp)
         return ranked
+
+    def run_depth_screen(self, plain: Tried, leader: Tried, parent_id: str, tmp: Path) -> None:
+        """The leader's fine-tuning screen again at DEEPER_FINETUNE's depth, where that depth could
+        run on every image (at MIN_FINETUNE_EPOCHS) in what is left; fine-tuning on every image then
+        starts with it if it beat `plain` on validation (the same sample, epochs and precision)."""
+        if plain.spec["unfreeze"] == DEEPER_FINETUNE["unfreeze"]:
+            return
+        on_every_image = {**_lever_diff(leader), **DEEPER_FINETUNE, "finetune_epochs": MIN_FINETUNE_EPOCHS}
+        seconds = self._estimate(on_every_image, {})
+        if seconds > self.clock.left() - budgets.WRAP_UP_SECONDS:
+            self.say(f"recipe: {DEEPER_FINETUNE['unfreeze']} is not screened: on every image it needs about "
+                     f"{seconds:.0f} s at {MIN_FINETUNE_EPOCHS} epochs, {budgets.minutes(self.clock.left())} left")
+            return
+        deeper = self.run("screen-ft", {**_lever_diff(plain), **DEEPER_FINETUNE,
+                                        "finetune_epochs": FINETUNE_SCREEN_EPOCHS}, self.screen_fields, tmp,
+                          parent_id, cache_below=DEEPEST)
+        if deeper.error:
+            return
+        if deeper.val_accuracy > plain.val_accuracy:
+            self.finetune_lever = DEEPER_FINETUNE
+        self.say(f"recipe: fine-tuning starts with {self.finetune_lever['unfreeze']}: val {plain.val_accuracy:.4f} "
+                 f"with {plain.spec['unfreeze']}, {deeper.val_accuracy:.4f} with {DEEPER_FINETUNE['unfreeze']}, "
+                 "on the sample")
 
     def precision_pays_off(self, leader: Tried) -> bool:
         """Whether FASTER_PRECISION is worth a screen: the probe's estimate of fine-tuning the
@@ -428,12 +464,13 @@ class Search:
         return fast * PRECISION_SPEEDUP <= own
 
     def first_finetune(self) -> dict:
-        """The first fine-tuning lever with those of the fine-tuning screen's extras that paid, the
-        most of them that fit at the lever's own epochs (flips cost a pass of the training images,
-        tta one of the test images): the screen compared them at equal epochs, so flips bought with
-        fewer epochs would be a configuration it never saw. Where none fits, the lever alone (its
-        epochs fitted by run_levers); what is dropped is listed as left out."""
-        lever = candidates.finetunes()[0]
+        """The fine-tuning lever the screen chose (finetune_lever) with those of its extras that
+        paid, the most of them that fit: flips (a pass of the training images) only at the lever's
+        own epochs, since the screen compared them at equal epochs and flips bought with fewer would
+        be a configuration it never saw; tta (a pass of the test images; the training is the same)
+        at the most epochs that fit. Where none fits, the lever alone (its epochs fitted by
+        run_levers); what is dropped is listed as left out."""
+        lever = self.finetune_lever
         if not self.finetune_extras or self.best is None or self.best.rung == "screen":
             return lever
         tries = [dict(self.finetune_extras)]
@@ -441,9 +478,11 @@ class Search:
             tries.append({"tta": True})  # tta alone: the same training, scored with the flips
         for extras in tries:
             diff = {**_lever_diff(self.best), **lever, **extras}
+            if not extras.get("flip"):
+                diff = self._fitted_epochs(diff)
             seconds = self._estimate(diff, {})
             if seconds <= self.clock.left() - budgets.WRAP_UP_SECONDS:
-                return {**lever, **extras}
+                return {k: v for k, v in diff.items() if k in {**lever, **extras}}
             self._leave_out("finetune", diff, seconds)
         return lever
 
@@ -573,6 +612,8 @@ class Search:
         return self.costs.estimate(spec, self.images(spec))
 
     def _leave_out(self, rung: str, diff: dict, seconds: float) -> None:
+        if any(item["diff"] == diff for item in self.left_out):
+            return  # one configuration, met again by a later rung (fine-tuning with flips, then flips)
         self.left_out.append({"rung": rung, "diff": diff, "estimate_seconds": round(seconds, 1)})
         self.say(f"recipe: leaves out {rung} {_describe(diff)} (about {seconds:.0f} s; "
                  f"{budgets.minutes(self.clock.left())} left)")
@@ -677,7 +718,8 @@ def search(overrides: dict, *, bases: dict[str, str] | None = None, budget: floa
             _write_chosen(searching, parent_id, output)
             searching.run_levers("flip", [{"flip": True}], tmp, parent_id)
             _write_chosen(searching, parent_id, output)
-            searching.run_levers("finetune", finetunes[1:], tmp, parent_id)
+            searching.run_levers("finetune", [lever for lever in finetunes if lever != searching.finetune_lever],
+                                 tmp, parent_id)
         finally:
             text = _write_chosen(searching, parent_id, output)
             _log_summary(searching, clock)

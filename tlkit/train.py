@@ -360,15 +360,18 @@ def _train(variant: str, spec: dict, *, experiment: str | None, cache_dir: str |
         # The validation accuracy of the model as it ends (early stopping may have restored an
         # earlier epoch): what the recipe search selects on, never the test accuracy.
         # With tta, both scores are those of the image and its mirror image (as the logged network answers).
-        _, val_accuracy, _ = evaluate.score(model, inputs["val"], dataset.y_val, inputs.get("val_mirrored"))
+        val_plain, val_flipped = evaluate.predict(model, inputs["val"], inputs.get("val_mirrored"))
+        val_accuracy = evaluate.loss_and_accuracy(val_plain if val_flipped is None else val_flipped, dataset.y_val)[1]
         metrics = {"val_accuracy_final": val_accuracy, "epochs_run": float(len(history.get("loss", [])))}
-        if inputs.get("val_mirrored") is not None:
+        test_probabilities = None  # log_outcome predicts them
+        if val_flipped is not None:
             # What the flips at test time bought, in the run itself: the same trained weights scored
-            # without them (a prediction of each split more; the training is tta's either way).
-            metrics["val_accuracy_without_tta"] = evaluate.score(model, inputs["val"], dataset.y_val)[1]
-            metrics["test_accuracy_without_tta"] = evaluate.score(model, inputs["test"], dataset.y_test)[1]
+            # without them, from the same predictions (the training is tta's either way).
+            test_plain, test_probabilities = evaluate.predict(model, inputs["test"], inputs.get("test_mirrored"))
+            metrics["val_accuracy_without_tta"] = evaluate.loss_and_accuracy(val_plain, dataset.y_val)[1]
+            metrics["test_accuracy_without_tta"] = evaluate.loss_and_accuracy(test_plain, dataset.y_test)[1]
         outcome = evaluate.log_outcome(model, inputs["test"], dataset, history=history, spec=spec,
-                                       x_test_mirrored=inputs.get("test_mirrored"),
+                                       x_test_mirrored=inputs.get("test_mirrored"), probabilities=test_probabilities,
                                        stage_starts=stage_starts, logged_network=network.full, metrics=metrics)
         run_id = active.info.run_id
     return Result(run_id=run_id, test_accuracy=outcome.test_accuracy, test_loss=outcome.test_loss,
