@@ -242,6 +242,10 @@ def test_the_faster_precision_is_kept_within_a_standard_error_and_tried_only_whe
     assert not search_with(0.01 / (recipe.PRECISION_SPEEDUP - 0.1)).precision_pays_off(leader)
     named = search_with(0.001, {"precision": "float32"})
     assert named.precisions == ["float32"] and not named.precision_pays_off(leader)
+    # MLproject's recipe entry point passes precision=auto: the search decides, as when unset.
+    assert search_with(0.001, {"precision": "auto"}).precisions == ["float32", recipe.FASTER_PRECISION]
+    from tlkit import mlproject
+    assert mlproject.TOOL_ENTRY_POINTS["recipe"][1]["precision"] == "auto"
 
 
 def test_estimates_count_each_pass_once_and_learn_from_the_runs():
@@ -450,7 +454,8 @@ def test_a_pass_that_would_end_past_the_deadline_gives_up_early(tmp_path):
     deadlines.check_pass(started, 10, 100)  # no deadline: nothing to check
 
 
-@pytest.mark.parametrize("result", ["recipe-budget.json", "recipe-budget-vgg16.json"])
+@pytest.mark.parametrize("result", ["recipe-budget.json", "recipe-budget-vgg16.json", "recipe-budget-vgg16-bf16.json",
+                                    "recipe-budget-vgg16-float32.json"])
 def test_the_docs_recipe_tables_are_the_benchmark_s_json(result):
     """docs/recipe.md's 45-minute tables and benchmarks/recipe.py's JSON agree, row by row."""
     from conftest import REPO

@@ -67,6 +67,7 @@ TOOL_ENTRY_POINTS["pretrain"] = _pretrain_entry_point()
 def _recipe_entry_point() -> tuple[str, dict, str]:
     params = {name: specs.DEFAULTS[name] for name in COMMON if name not in ("image_size", "preprocess", "units")}
     params["budget"] = "30m"  # recipe.DEFAULT_BUDGET (tests/test_recipe.py checks they agree)
+    params["precision"] = "auto"  # the search screens mixed_bfloat16 where its probe finds it faster; a name fixes it
     params["output"] = "chosen.toml"
     options = " ".join(f"{specs.flag(name)} {{{name}}}" for name in params)
     return ("search bases (base: VGG16,Xception; weights: VGG16=PATH,Xception=PATH), image sizes, preprocessing, "

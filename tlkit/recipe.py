@@ -149,6 +149,8 @@ class Search:
 
     def __init__(self, overrides: dict, bases: dict[str, str], clock: budgets.Clock, cache_dir: str | None,
                  say=None):
+        if overrides.get("precision") == "auto":  # MLproject's recipe default: the search decides, as unset
+            overrides = {**overrides, "precision": None}
         self.base_spec = specs.load("baseline", {**overrides, "base": next(iter(bases)),
                                                  "weights": next(iter(bases.values()))})
         self.bases, self.clock, self.cache_dir = bases, clock, cache_dir
@@ -376,8 +378,10 @@ class Search:
     def run_finetune_screen(self, screened: list[Tried], parent_id: str, tmp: Path) -> list[Tried]:
         """The screen's best input of each base, its top block fine-tuned on the sample
         (FINETUNE_SCREEN_EPOCHS); returns the screen re-ranked base by base on those. Then the
-        leader's again with FINETUNE_SCREEN_EXTRAS: fine-tuning on every image takes those that paid
-        on validation (`finetune_extras`: paying_extras, first_finetune).
+        leader's again: in FASTER_PRECISION where the probe says it pays (precision_pays_off; every
+        run after takes it where keeps_precision), with FINETUNE_SCREEN_EXTRAS (fine-tuning on every
+        image takes those that paid on validation: paying_extras, first_finetune), and at
+        DEEPER_FINETUNE's depth (run_depth_screen), each against the plain run in the same precision.
 
         A frozen screen cannot see what fine-tuning adds, and that differs by base: in the 45-minute
         runs (docs/recipe.md) Xception at 128 px led VGG16 at 64 px frozen by 3.4 points on the
