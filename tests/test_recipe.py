@@ -242,6 +242,9 @@ def test_the_faster_precision_is_kept_within_a_standard_error_and_tried_only_whe
     assert not search_with(0.01 / (recipe.PRECISION_SPEEDUP - 0.1)).precision_pays_off(leader)
     named = search_with(0.001, {"precision": "float32"})
     assert named.precisions == ["float32"] and not named.precision_pays_off(leader)
+    short = recipe.Search({"weights": "none"}, {"VGG16": "none"},
+                          budget.Clock(recipe.PRECISION_MIN_BUDGET_SECONDS - 1), None, say=lambda line: None)
+    assert short.precisions == ["float32"]  # a short search does not pay for the second probe
     # MLproject's recipe entry point passes precision=auto: the search decides, as when unset.
     assert search_with(0.001, {"precision": "auto"}).precisions == ["float32", recipe.FASTER_PRECISION]
     from tlkit import mlproject

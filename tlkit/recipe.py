@@ -70,6 +70,10 @@ FINETUNE_SCREEN_EXTRAS = {"flip": True, "tta": True}
 # accuracy held (keeps_precision): the time it saves buys flips or epochs in fine-tuning.
 FASTER_PRECISION = "mixed_bfloat16"
 PRECISION_SPEEDUP = 1.25
+# Below this budget the lever is not tried: its probe (a second pass and step of every input: 6 s
+# of a 60-s search on a tiny folder, where CI then ran 7.6 s over) and its screen cost more than
+# a pass it could shorten.
+PRECISION_MIN_BUDGET_SECONDS = 600
 # The full rung's pass stops below the deepest fine-tuning candidate: one pass serves every depth.
 DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambda depth: int(depth[3:]))
 # ... and the fine-tuning screen tries that depth on the leader too, where it could run on every
@@ -168,7 +172,7 @@ class Search:
         # FASTER_PRECISION is a lever unless the user named a precision (--precision float32 keeps it).
         self.precisions = [self.base_spec["precision"]] + (
             [FASTER_PRECISION] if overrides.get("precision") is None and self.base_spec["precision"] != FASTER_PRECISION
-            else [])
+            and clock.budget >= PRECISION_MIN_BUDGET_SECONDS else [])
         self.decided: dict = {}  # fields the search has settled for every run after (the precision)
         self.finetune_lever: dict = candidates.finetunes()[0]  # the depth fine-tuning on every image starts with
 
