@@ -327,8 +327,12 @@ def test_the_probe_times_a_real_fine_tuning_step_of_each_depth():
     """The block above the cut trains in the probe (BatchNorm in inference mode, as fine-tuning
     does): a step of two blocks costs more than one, and one more than the head alone."""
     spec = specs.merge({"weights": "none", "units": 1024, "dropout": 0.5})
-    rates = budget.probe(spec, 10, ["top1", "top2"], {"units": 1024, "dropout": 0.5})
-    assert rates.finetune_sample["top2"] > rates.finetune_sample["top1"] > rates.head_sample > 0
+    # The fastest of three probes per depth: each times one step, and on a loaded CI machine one
+    # step of two blocks once took less than one of a single block (5.6 against 7.6 ms an image).
+    probes = [budget.probe(spec, 10, ["top1", "top2"], {"units": 1024, "dropout": 0.5}) for _ in range(3)]
+    top1, top2 = (min(rates.finetune_sample[depth] for rates in probes) for depth in ("top1", "top2"))
+    head = min(rates.head_sample for rates in probes)
+    assert top2 > top1 > head > 0
 
 
 def test_fine_tuning_that_does_not_fit_runs_at_the_most_epochs_that_do():
