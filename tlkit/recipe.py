@@ -513,6 +513,8 @@ class Search:
             # Once one has run on every image, each after it keeps back what flips and the first
             # fine-tuning of the best of them would take: those are what a search with little time
             # left should still buy. Before that (the screen's best did not fit), none is kept back.
+            # The top block's fine-tuning, even where the screen chose two blocks: two blocks' 6-epoch
+            # estimate would leave out the cheap head runs, and fine-tuning fits its epochs anyway.
             finished = [t for t in done if not t.error]
             best = _lever_diff(max(finished, key=lambda t: t.val_accuracy)) if finished else None
             reserve = 0.0 if best is None else (self._estimate({**best, "flip": True}, {})
