@@ -81,6 +81,7 @@ DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambd
 # reached more on the sample (VGG16's two top blocks: +2.8 points over one on a 10,000-image sample,
 # benchmarks/finetune_levers.py), at the most epochs that fit.
 DEEPER_FINETUNE = next(lever for lever in candidates.finetunes() if lever["unfreeze"] == DEEPEST)
+DEEPER_FINETUNE_SCREEN = {**DEEPER_FINETUNE, "finetune_epochs": FINETUNE_SCREEN_EPOCHS}  # at the screen's epochs
 
 
 class RecipeError(RuntimeError):
@@ -331,14 +332,13 @@ class Search:
             dearest = max((c for c in ordered if c["base"] == base), key=lambda c: self._estimate(c, {}))
             runs.append((_finetune_screen_diff(dearest), self.screen_fields))
             estimates[base] = self._total(screen + runs)[-1]
-        estimates["extras"] = max(self._total(screen + runs + [({**diff, **FINETUNE_SCREEN_EXTRAS}, fixed)])[-1]
-                                  for diff, fixed in runs)
+        def again(change: dict) -> float:  # the dearest leader's screen run again with `change`
+            return max(self._total(screen + runs + [({**diff, **change}, fixed)])[-1] for diff, fixed in runs)
+
+        estimates["extras"] = again(FINETUNE_SCREEN_EXTRAS)
         if len(self.precisions) > 1:
-            estimates["precision"] = max(self._total(screen + runs + [({**diff, "precision": FASTER_PRECISION}, fixed)])[-1]
-                                         for diff, fixed in runs)
-        estimates["deeper"] = max(self._total(screen + runs + [({**diff, **DEEPER_FINETUNE,
-                                                                  "finetune_epochs": FINETUNE_SCREEN_EPOCHS}, fixed)])[-1]
-                                  for diff, fixed in runs)
+            estimates["precision"] = again({"precision": FASTER_PRECISION})
+        estimates["deeper"] = again(DEEPER_FINETUNE_SCREEN)
         return estimates
 
     def _later(self, screened: list[dict]) -> dict[str, list[float]]:
@@ -411,9 +411,8 @@ class Search:
                                  sorted(tuned.items(), key=lambda item: -item[1].val_accuracy)))
         plain = tuned.get(ranked[0].spec["base"]) if ranked else None
         if plain is not None and self.precision_pays_off(ranked[0]):
-            fast = self.run("screen-ft", {**_lever_diff(plain), "precision": FASTER_PRECISION}, self.screen_fields,
-                            tmp, parent_id, cache_below=DEEPEST)
-            if not fast.error:
+            fast = self.screen_again(plain, {"precision": FASTER_PRECISION}, parent_id, tmp)
+            if fast is not None:
                 kept = keeps_precision(plain, fast, self.images(fast.spec)["val"])
                 self.say(f"recipe: {'every run after takes' if kept else 'the search stays in'} "
                          f"{FASTER_PRECISION if kept else plain.spec['precision']}: val {plain.val_accuracy:.4f} in "
@@ -423,9 +422,8 @@ class Search:
                     self.decided = {"precision": FASTER_PRECISION}
                     plain = fast  # what the extras are measured against: the same precision
         if plain is not None:
-            extras = self.run("screen-ft", {**_lever_diff(plain), **FINETUNE_SCREEN_EXTRAS}, self.screen_fields,
-                              tmp, parent_id, cache_below=DEEPEST)
-            if not extras.error:
+            extras = self.screen_again(plain, FINETUNE_SCREEN_EXTRAS, parent_id, tmp)
+            if extras is not None:
                 self.finetune_extras = paying_extras(plain, extras)
                 flips_alone = extras.val_accuracy_without_tta
                 self.say(f"recipe: fine-tuning takes {_describe(self.finetune_extras) if self.finetune_extras else 'neither'} of flip, tta: "
@@ -434,6 +432,13 @@ class Search:
                          f"{extras.val_accuracy:.4f} with flips and tta, on the sample")
             self.run_depth_screen(plain, ranked[0], parent_id, tmp)
         return ranked
+
+    def screen_again(self, plain: Tried, change: dict, parent_id: str, tmp: Path) -> Tried | None:
+        """`plain`'s fine-tuning screen run again with `change` (same sample, epochs and cache
+        boundary, so only the change differs); None where that run failed (it is still listed)."""
+        attempt = self.run("screen-ft", {**_lever_diff(plain), **change}, self.screen_fields, tmp, parent_id,
+                           cache_below=DEEPEST)
+        return None if attempt.error else attempt
 
     def run_depth_screen(self, plain: Tried, leader: Tried, parent_id: str, tmp: Path) -> None:
         """The leader's fine-tuning screen again at DEEPER_FINETUNE's depth, where that depth could
@@ -447,10 +452,8 @@ class Search:
             self.say(f"recipe: {DEEPER_FINETUNE['unfreeze']} is not screened: on every image it needs about "
                      f"{seconds:.0f} s at {MIN_FINETUNE_EPOCHS} epochs, {budgets.minutes(self.clock.left())} left")
             return
-        deeper = self.run("screen-ft", {**_lever_diff(plain), **DEEPER_FINETUNE,
-                                        "finetune_epochs": FINETUNE_SCREEN_EPOCHS}, self.screen_fields, tmp,
-                          parent_id, cache_below=DEEPEST)
-        if deeper.error:
+        deeper = self.screen_again(plain, DEEPER_FINETUNE_SCREEN, parent_id, tmp)
+        if deeper is None:
             return
         if deeper.val_accuracy > plain.val_accuracy:
             self.finetune_lever = DEEPER_FINETUNE
