@@ -462,9 +462,9 @@ def test_a_pass_that_would_end_past_the_deadline_gives_up_early(tmp_path):
 
 
 @pytest.mark.parametrize("result", ["recipe-budget.json", "recipe-budget-vgg16.json", "recipe-budget-vgg16-bf16.json",
-                                    "recipe-budget-vgg16-float32.json"])
+                                    "recipe-budget-vgg16-float32.json", "recipe-budget-224px.json"])
 def test_the_docs_recipe_tables_are_the_benchmark_s_json(result):
-    """docs/recipe.md's 45-minute tables and benchmarks/recipe.py's JSON agree, row by row."""
+    """docs/recipe.md's budget tables and benchmarks/recipe.py's JSON agree, row by row."""
     from conftest import REPO
 
     found = json.loads((REPO / "benchmarks" / "results" / result).read_text())
