@@ -495,3 +495,37 @@ def test_the_docs_lever_table_is_the_benchmark_s_json():
         cells = [cell.strip() for cell in rows[row["arm"]].split("|")]
         assert cells[2:5] == [f"{row['seconds']:,.0f}", f"{100 * row['val_accuracy']:.2f}%",
                               f"{100 * row['test_accuracy']:.2f}%"], row["arm"]
+
+
+def test_the_fine_tuning_screen_s_re_runs_are_bought_only_where_the_full_rung_and_fine_tuning_fit_after(
+        image_folder):
+    """The plan keeps back from the screen's share only each base's fine-tuning screen and the
+    precision re-run; the extras and depth re-runs run only where the leader's full run and its
+    fine-tuning on every image still fit after them (Search.leaves_room), else are listed as left out."""
+    lines = []
+    searching = recipe.Search({"data": str(image_folder), "weights": "none", "epochs": 1, "batch_size": 8,
+                               "precision": "float32"}, {"VGG16": "none"}, budget.Clock(900, started=time.time()),
+                              None, say=lines.append)
+    searching.check()
+    inputs = [{"base": "VGG16", "image_size": 32, "preprocess": "base", "weights": "none"}]
+    searching.probe(inputs)
+    left = searching.clock.left()
+    searching.plan(inputs)
+    reruns = searching._finetune_screen_estimates(inputs)
+    kept_back = sum(seconds for kind, seconds in reruns.items() if kind not in recipe.AFTER_THE_SCREEN)
+    assert searching.screen_allowance == pytest.approx(
+        recipe.SCREEN_SHARE * (left - budget.WRAP_UP_SECONDS) - kept_back, abs=2)
+    assert {"extras", "deeper"} <= set(reruns) and reruns["extras"] > 0 and reruns["deeper"] > 0
+
+    leader = recipe.Tried("screen", "screen-1", {**inputs[0], "limit": 5000, "epochs": 4}, {})
+    plain = recipe.Tried("screen-ft", "screen-ft-1", recipe._finetune_screen_diff(recipe._lever_diff(leader)), {})
+    needed = sum(searching._total([
+        ({**recipe._lever_diff(plain), **recipe.DEEPER_FINETUNE_SCREEN}, searching.screen_fields),
+        (recipe._lever_diff(leader), {}),
+        ({**recipe._lever_diff(leader), **recipe.DEEPER_FINETUNE, "finetune_epochs": recipe.MIN_FINETUNE_EPOCHS}, {})]))
+    for margin, fits in ((30, True), (-30, False)):
+        searching.clock = budget.Clock(needed + budget.WRAP_UP_SECONDS + margin, started=time.time())
+        assert searching.leaves_room(plain, recipe.DEEPER_FINETUNE_SCREEN, leader, recipe.DEEPER_FINETUNE) is fits
+    assert [item["rung"] for item in searching.left_out] == ["screen-ft"]
+    assert searching.left_out[0]["diff"]["unfreeze"] == recipe.DEEPER_FINETUNE["unfreeze"]
+    assert "is not run" in lines[-2]

@@ -82,6 +82,8 @@ DEEPEST = max((lever["unfreeze"] for lever in candidates.finetunes()), key=lambd
 # benchmarks/finetune_levers.py), at the most epochs that fit.
 DEEPER_FINETUNE = next(lever for lever in candidates.finetunes() if lever["unfreeze"] == DEEPEST)
 DEEPER_FINETUNE_SCREEN = {**DEEPER_FINETUNE, "finetune_epochs": FINETUNE_SCREEN_EPOCHS}  # at the screen's epochs
+# The fine-tuning screen's re-runs that the plan does not keep back from the screen's share.
+AFTER_THE_SCREEN = ("extras", "deeper")
 
 
 class RecipeError(RuntimeError):
@@ -284,7 +286,13 @@ class Search:
         # bought while its own estimate fits what is left when it starts.
         self.screen_allowance = SCREEN_SHARE * (self.clock.left() - budgets.WRAP_UP_SECONDS)
         finetune_screen = self._finetune_screen_estimates(ordered)
-        self.screen_allowance -= sum(finetune_screen.values())  # kept for it: the screen's own share
+        # Kept back from the screen's own share: each base's fine-tuning screen (it ranks the bases)
+        # and the precision re-run (it buys time for all that follows). The extras and the depth
+        # re-runs are paid from the time after the screen, each where the full rung and fine-tuning
+        # still fit after it (Search.leaves_room): keeping all five back left the two-base 45-minute
+        # run at 288f1b9 64 s of its 910-s share, and it screened only VGG16 at 32 px.
+        self.screen_allowance -= sum(seconds for kind, seconds in finetune_screen.items()
+                                     if kind not in AFTER_THE_SCREEN)
         count = max(1, self.affordable(ordered, []))
         screened = self._total([(c, self.screen_fields) for c in ordered])
         later = self._later(ordered[:count])
@@ -295,13 +303,13 @@ class Search:
         for base, seconds in finetune_screen.items():
             if base == "deeper":
                 self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's with {DEEPER_FINETUNE['unfreeze']} "
-                         "fine-tuned, where that could run on every image")
+                         "fine-tuned, where the full rung and that depth on every image still fit after it")
             elif base == "precision":
                 self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's in {FASTER_PRECISION}, where the probe "
                          f"says it saves {1 - 1 / PRECISION_SPEEDUP:.0%} of fine-tuning on every image")
             elif base == "extras":
                 self.say(f"  screen-ft {seconds:6.0f} s at most  the leader's again with "
-                         f"{_describe(FINETUNE_SCREEN_EXTRAS)}")
+                         f"{_describe(FINETUNE_SCREEN_EXTRAS)}, where the full rung and fine-tuning still fit after it")
             else:
                 self.say(f"  screen-ft {seconds:6.0f} s at most  {base}'s best screened input, its top block "
                          f"fine-tuned on the sample for {FINETUNE_SCREEN_EPOCHS} epochs")
@@ -422,7 +430,9 @@ class Search:
                     self.decided = {"precision": FASTER_PRECISION}
                     plain = fast  # what the extras are measured against: the same precision
         if plain is not None:
-            extras = self.screen_again(plain, FINETUNE_SCREEN_EXTRAS, parent_id, tmp)
+            extras = None
+            if self.leaves_room(plain, FINETUNE_SCREEN_EXTRAS, ranked[0], self.finetune_lever):
+                extras = self.screen_again(plain, FINETUNE_SCREEN_EXTRAS, parent_id, tmp)
             if extras is not None:
                 self.finetune_extras = paying_extras(plain, extras)
                 flips_alone = extras.val_accuracy_without_tta
@@ -440,17 +450,31 @@ class Search:
                            cache_below=DEEPEST)
         return None if attempt.error else attempt
 
+    def leaves_room(self, plain: Tried, change: dict, leader: Tried, lever: dict) -> bool:
+        """Whether `plain`'s fine-tuning screen run again with `change` still leaves what the
+        leader's full run and then `lever` on every image (at MIN_FINETUNE_EPOCHS) need: a re-run
+        that only chooses how to fine-tune is not worth the fine-tuning itself. Where it does not,
+        says so and lists the re-run as left out."""
+        again, on_every_image = {**_lever_diff(plain), **change}, _lever_diff(leader)
+        seconds = self._total([(again, self.screen_fields), (on_every_image, {}),
+                               ({**on_every_image, **lever, "finetune_epochs": MIN_FINETUNE_EPOCHS}, {})])
+        if sum(seconds) <= self.clock.left() - budgets.WRAP_UP_SECONDS:
+            return True
+        self.say(f"recipe: screen-ft with {_describe(change)} is not run: it (about {seconds[0]:.0f} s), the full "
+                 f"rung ({seconds[1]:.0f} s) and {lever['unfreeze']} on every image ({seconds[2]:.0f} s at "
+                 f"{MIN_FINETUNE_EPOCHS} epochs) need about {sum(seconds):.0f} s, "
+                 f"{budgets.minutes(self.clock.left())} left")
+        self._leave_out("screen-ft", again, seconds[0])
+        return False
+
     def run_depth_screen(self, plain: Tried, leader: Tried, parent_id: str, tmp: Path) -> None:
-        """The leader's fine-tuning screen again at DEEPER_FINETUNE's depth, where that depth could
-        run on every image (at MIN_FINETUNE_EPOCHS) in what is left; fine-tuning on every image then
-        starts with it if it beat `plain` on validation (the same sample, epochs and precision)."""
+        """The leader's fine-tuning screen again at DEEPER_FINETUNE's depth, where the full rung and
+        that depth on every image (at MIN_FINETUNE_EPOCHS) still fit after it (leaves_room);
+        fine-tuning on every image then starts with it if it beat `plain` on validation (the same
+        sample, epochs and precision)."""
         if plain.spec["unfreeze"] == DEEPER_FINETUNE["unfreeze"]:
             return
-        on_every_image = {**_lever_diff(leader), **DEEPER_FINETUNE, "finetune_epochs": MIN_FINETUNE_EPOCHS}
-        seconds = self._estimate(on_every_image, {})
-        if seconds > self.clock.left() - budgets.WRAP_UP_SECONDS:
-            self.say(f"recipe: {DEEPER_FINETUNE['unfreeze']} is not screened: on every image it needs about "
-                     f"{seconds:.0f} s at {MIN_FINETUNE_EPOCHS} epochs, {budgets.minutes(self.clock.left())} left")
+        if not self.leaves_room(plain, DEEPER_FINETUNE_SCREEN, leader, DEEPER_FINETUNE):
             return
         deeper = self.screen_again(plain, DEEPER_FINETUNE_SCREEN, parent_id, tmp)
         if deeper is None:
