@@ -430,9 +430,8 @@ class Search:
                     self.decided = {"precision": FASTER_PRECISION}
                     plain = fast  # what the extras are measured against: the same precision
         if plain is not None:
-            extras = None
-            if self.leaves_room(plain, FINETUNE_SCREEN_EXTRAS, ranked[0], self.finetune_lever):
-                extras = self.screen_again(plain, FINETUNE_SCREEN_EXTRAS, parent_id, tmp)
+            extras = self.screen_again(plain, FINETUNE_SCREEN_EXTRAS, parent_id, tmp,
+                                       then=(ranked[0], self.finetune_lever))
             if extras is not None:
                 self.finetune_extras = paying_extras(plain, extras)
                 flips_alone = extras.val_accuracy_without_tta
@@ -443,9 +442,14 @@ class Search:
             self.run_depth_screen(plain, ranked[0], parent_id, tmp)
         return ranked
 
-    def screen_again(self, plain: Tried, change: dict, parent_id: str, tmp: Path) -> Tried | None:
+    def screen_again(self, plain: Tried, change: dict, parent_id: str, tmp: Path,
+                     then: tuple[Tried, dict] | None = None) -> Tried | None:
         """`plain`'s fine-tuning screen run again with `change` (same sample, epochs and cache
-        boundary, so only the change differs); None where that run failed (it is still listed)."""
+        boundary, so only the change differs); None where that run failed (it is still listed) or,
+        with `then` (the leader and a fine-tuning lever), where it would not leave room for them
+        on every image (leaves_room)."""
+        if then is not None and not self.leaves_room(plain, change, *then):
+            return None
         attempt = self.run("screen-ft", {**_lever_diff(plain), **change}, self.screen_fields, tmp, parent_id,
                            cache_below=DEEPEST)
         return None if attempt.error else attempt
@@ -455,7 +459,7 @@ class Search:
         leader's full run and then `lever` on every image (at MIN_FINETUNE_EPOCHS) need: a re-run
         that only chooses how to fine-tune is not worth the fine-tuning itself. Where it does not,
         says so and lists the re-run as left out."""
-        again, on_every_image = {**_lever_diff(plain), **change}, _lever_diff(leader)
+        again, on_every_image = {**self.decided, **_lever_diff(plain), **change}, _lever_diff(leader)
         seconds = self._total([(again, self.screen_fields), (on_every_image, {}),
                                ({**on_every_image, **lever, "finetune_epochs": MIN_FINETUNE_EPOCHS}, {})])
         if sum(seconds) <= self.clock.left() - budgets.WRAP_UP_SECONDS:
@@ -474,9 +478,7 @@ class Search:
         sample, epochs and precision)."""
         if plain.spec["unfreeze"] == DEEPER_FINETUNE["unfreeze"]:
             return
-        if not self.leaves_room(plain, DEEPER_FINETUNE_SCREEN, leader, DEEPER_FINETUNE):
-            return
-        deeper = self.screen_again(plain, DEEPER_FINETUNE_SCREEN, parent_id, tmp)
+        deeper = self.screen_again(plain, DEEPER_FINETUNE_SCREEN, parent_id, tmp, then=(leader, DEEPER_FINETUNE))
         if deeper is None:
             return
         if deeper.val_accuracy > plain.val_accuracy:
