@@ -269,6 +269,23 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def small_filesystem(size: str):
+    """A real filesystem of `size` (a tmpfs: "16k", "64k"), where a mount is allowed, else a skip:
+    a disk that fills up, without filling this machine's."""
+    folder = Path(tempfile.mkdtemp(prefix="tlkit-full-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        # --lazy: a failing test's traceback can still hold a file open there; detach all the same.
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+        folder.rmdir()
+
+
 def postgres_bindir() -> Path | None:
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     initdb = bins[-1] if bins else shutil.which("initdb")

@@ -19,7 +19,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pytest
 from tlkit import features
 
 from conftest import (FAST_ARGS, all_runs, assert_clear, clean_env, draw, free_port, invoke, make_image_folder,
-                      make_run, no_features, no_registered_models, stop, using_tracking, wait_for)
+                      make_run, no_features, no_registered_models, small_filesystem, stop, using_tracking, wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -215,16 +214,8 @@ def test_an_unwritable_cache_folder_fails_before_the_data_and_the_run(tracking, 
 @pytest.fixture
 def full_disk():
     """A real 16 KiB filesystem (tmpfs), where a mount is allowed; the features need ~100 KB."""
-    folder = Path(tempfile.mkdtemp(prefix="tlkit-full-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_filesystem("16k") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-        folder.rmdir()
 
 
 def test_a_full_disk_fails_the_run_and_leaves_no_entry(tracking, image_folder, full_disk):

@@ -13,6 +13,8 @@ import pytest
 
 from tlkit import features, sources, spec as specs
 
+from conftest import small_filesystem
+
 
 def tiny_extractor():
     """A small deterministic stand-in for the base: the cache does not care what it runs."""
@@ -223,6 +225,30 @@ def test_a_crash_while_writing_leaves_no_entry(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.setattr(features.os, "fsync", real_fsync)
     assert cache.get(FIELDS, tiny_extractor(), images()).hit is False
+
+
+def test_a_disk_too_small_for_the_entry_fails_at_the_first_batch_not_the_last():
+    """A real 64 KiB filesystem and an entry of 256 images x 1 KiB (8x8x4 float32): the pass stops
+    at its first batch with what it needed, where it would have written four batches and then met
+    the full disk; nothing is left behind."""
+    class CountedPass(features.LocalPass):
+        batches = 0
+
+        def features(self, *args):
+            for split_and_batch in super().features(*args):
+                CountedPass.batches += 1
+                yield split_and_batch
+
+    rng = np.random.default_rng(0)
+    many = {split: rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8) for split, n in (("pool", 200), ("test", 56))}
+    with small_filesystem("64k") as folder:
+        cache = features.FeatureCache(folder / "cache")
+        with pytest.raises(features.FeatureCacheError,
+                           match=rf"cannot write the feature cache in {folder}/cache: No space left on device "
+                                 r"\(this entry needs 256\.0 KB, \d+\.\d KB free\)"):
+            cache.get(FIELDS, tiny_extractor(), many, batch_size=16, engine=CountedPass())
+        assert CountedPass.batches == 1
+        assert list((folder / "cache").iterdir()) == []
 
 
 def test_an_unusable_cache_folder_is_a_clear_error(tmp_path):
