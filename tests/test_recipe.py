@@ -165,7 +165,9 @@ def test_with_two_bases_each_base_is_fine_tuned_on_the_sample_and_the_best_goes_
         assert found.data.tags["recipe_rung"] == "screen-ft"
         assert found.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert not any(t.spec["flip"] or t.spec["tta"] for t in plain)
-    assert ranked == recipe.rank_by_bases(screened, {t.spec["base"]: t.val_accuracy for t in plain})
+    assert ranked == recipe.rank_by_bases(screened, {t.spec["base"]: t.val_accuracy for t in plain},
+                                          searching.images(plain[0].spec)["val"], searching.on_every_image)
+    assert sorted(searching.on_every_image) == ["VGG16", "Xception"] and min(searching.on_every_image.values()) > 0
     # The leader's base once more, with flips in training and at test time; fine-tuning takes them
     # only where they beat its plain screen on validation.
     [flipped] = extras
@@ -306,18 +308,29 @@ def test_fine_tuning_pays_for_a_pass_below_its_block_unless_one_was_cut_there():
     assert tuned_first.estimate(spec, images) == pytest.approx(0.0)
 
 
-def test_the_bases_go_on_in_the_order_their_fine_tuned_screens_reached():
+def test_the_bases_go_on_in_the_order_their_fine_tuned_screens_reached_a_tie_to_the_cheaper():
     def tried(name, base, val):
         return recipe.Tried("screen", name, {"base": base}, {"base": base}, val_accuracy=val)
 
     screened = [tried("x128", "Xception", 0.70), tried("v64", "VGG16", 0.66), tried("x96", "Xception", 0.65),
                 tried("v32", "VGG16", 0.57)]
-    ranked = recipe.rank_by_bases(screened, {"Xception": 0.72, "VGG16": 0.75})
+    xception_dearer = {"Xception": 1500.0, "VGG16": 1100.0}
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.72, "VGG16": 0.75}, 500, xception_dearer)
     assert [t.name for t in ranked] == ["v64", "v32", "x128", "x96"]
-    ranked = recipe.rank_by_bases(screened, {"Xception": 0.76, "VGG16": 0.75})
+    # Two points ahead of 0.75 on 500 images is more than one standard error (1.9 points): it leads.
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.77, "VGG16": 0.75}, 500, xception_dearer)
     assert [t.name for t in ranked] == ["x128", "x96", "v64", "v32"]
+    # One point ahead is a tie on 500 images: the cheaper base on every image goes first...
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.76, "VGG16": 0.75}, 500, xception_dearer)
+    assert [t.name for t in ranked] == ["v64", "v32", "x128", "x96"]
+    # ... where Xception is the cheaper, it; and on 50,000 images one point is no tie.
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.75, "VGG16": 0.76}, 500, {"Xception": 900.0, "VGG16": 1100.0})
+    assert [t.name for t in ranked] == ["x128", "x96", "v64", "v32"]
+    ranked = recipe.rank_by_bases(screened, {"Xception": 0.76, "VGG16": 0.75}, 50_000, xception_dearer)
+    assert [t.name for t in ranked] == ["x128", "x96", "v64", "v32"]
+    assert recipe.one_standard_error(0.75, 500) == pytest.approx(0.0194, abs=1e-4)
     # A base whose fine-tuned screen did not finish: the frozen order stands.
-    assert recipe.rank_by_bases(screened, {"VGG16": 0.75}) is screened
+    assert recipe.rank_by_bases(screened, {"VGG16": 0.75}, 500, xception_dearer) is screened
     assert recipe._finetune_screen_diff({"base": "VGG16", "image_size": 64}) == {
         "base": "VGG16", "image_size": 64, **candidates.finetunes()[0],
         "finetune_epochs": recipe.FINETUNE_SCREEN_EPOCHS}

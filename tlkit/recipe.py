@@ -56,7 +56,8 @@ ETA = 3  # successive halving: the best 1/ETA of a rung go on to the next
 # 1,670 s for 6 epochs with 16 minutes left, where 3 epochs would have fit).
 MIN_FINETUNE_EPOCHS = 2
 # The screen's best input of each base is also fine-tuned on the sample for this many epochs, and
-# the bases go on in the order those reach (Search.run_finetune_screen).
+# the bases go on in the order those reach, a tie within one standard error to the cheaper on every
+# image (rank_by_bases).
 FINETUNE_SCREEN_EPOCHS = 2
 # ... and the leader's once more with these: flips in training (from cached mirrored features, a
 # coin per image per epoch) and at test time. Fine-tuning on every image takes each where it paid on
@@ -178,6 +179,7 @@ class Search:
             and clock.budget >= PRECISION_MIN_BUDGET_SECONDS else [])
         self.decided: dict = {}  # fields the search has settled for every run after (the precision)
         self.finetune_lever: dict = candidates.finetunes()[0]  # the depth fine-tuning on every image starts with
+        self.on_every_image: dict[str, float] = {}  # base -> its leader's full run and fine-tuning, estimated
 
     # --- before any long work --------------------------------------------------------------------
     def check(self) -> list[dict]:
@@ -412,11 +414,22 @@ class Search:
                                parent_id, cache_below=DEEPEST)
             if not attempt.error:
                 tuned[base] = attempt
-        ranked = rank_by_bases(screened, {base: attempt.val_accuracy for base, attempt in tuned.items()})
+        accuracies = {base: attempt.val_accuracy for base, attempt in tuned.items()}
+        val_images = self.images(next(iter(tuned.values())).spec)["val"] if tuned else 0
+        self.on_every_image = on_every_image = {
+            base: sum(self._total([(_lever_diff(leader), {}), ({**_lever_diff(leader), **self.finetune_lever}, {})]))
+            for base, leader in leaders.items()}  # each base's leader: its full run and fine-tuning
+        ranked = rank_by_bases(screened, accuracies, val_images, on_every_image)
         if ranked is not screened and len(leaders) > 1:
+            first = ranked[0].spec["base"]
             self.say("recipe: the bases go on in the order their fine-tuned screens reached: "
-                     + ", ".join(f"{base} {attempt.val_accuracy:.4f}" for base, attempt in
-                                 sorted(tuned.items(), key=lambda item: -item[1].val_accuracy)))
+                     + ", ".join(f"{base} {accuracy:.4f}" for base, accuracy in
+                                 sorted(accuracies.items(), key=lambda item: -item[1]))
+                     + ("" if accuracies[first] == max(accuracies.values()) else
+                        f"; {first} first: within one standard error of the best "
+                        f"({one_standard_error(max(accuracies.values()), val_images):.4f} on {val_images} images) "
+                        f"and the cheapest on every image (" + ", ".join(
+                            f"{base} about {on_every_image[base]:.0f} s" for base in accuracies) + ")"))
         plain = tuned.get(ranked[0].spec["base"]) if ranked else None
         if plain is not None and self.precision_pays_off(ranked[0]):
             fast = self.screen_again(plain, {"precision": FASTER_PRECISION}, parent_id, tmp)
@@ -658,14 +671,34 @@ class Search:
                  f"{budgets.minutes(self.clock.left())} left)")
 
 
-def rank_by_bases(screened: list[Tried], tuned: dict[str, float]) -> list[Tried]:
+def rank_by_bases(screened: list[Tried], tuned: dict[str, float], val_images: int,
+                  seconds: dict[str, float]) -> list[Tried]:
     """The screened configurations, the bases in the order of their fine-tuned screen's validation
-    accuracy (`tuned`: base -> accuracy), each base's own best first. As they were, unless every
+    accuracy (`tuned`: base -> accuracy), each base's own best first. Bases no further below the
+    best than one standard error of its accuracy on `val_images` images (about 2 points on the
+    sample's 500) are tied, and of those the one whose leader costs least on every image goes first
+    (`seconds`: base -> its full run and fine-tuning): the time it leaves buys epochs and flips,
+    which a difference the sample cannot show does not (the one-standard-error rule, as
+    keeps_precision; in the two-base 45-minute run at 2b6d387 Xception led VGG16 by 0.2 points, 0.7120 to
+    0.7100, and its full run took 826 s where VGG16's took 704). As they were, unless every
     screened base has a fine-tuned accuracy: an order on some bases only would rank a base that
     failed its fine-tuning below one that never tried."""
     if not tuned or any(t.spec["base"] not in tuned for t in screened):
         return screened
-    return sorted(screened, key=lambda t: (-tuned[t.spec["base"]], -t.val_accuracy))
+    first = tied_and_cheapest(tuned, val_images, seconds)
+    return sorted(screened, key=lambda t: (t.spec["base"] != first, -tuned[t.spec["base"]], -t.val_accuracy))
+
+
+def tied_and_cheapest(tuned: dict[str, float], val_images: int, seconds: dict[str, float]) -> str:
+    """Of the bases within one standard error of the best fine-tuned accuracy, the cheapest."""
+    best = max(tuned.values())
+    tied = [base for base, accuracy in tuned.items() if accuracy >= best - one_standard_error(best, val_images)]
+    return min(tied, key=lambda base: (seconds.get(base, math.inf), -tuned[base]))
+
+
+def one_standard_error(accuracy: float, images: int) -> float:
+    """The standard error of an accuracy measured on `images` images (binomial)."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(images, 1))
 
 
 def paying_extras(plain: Tried, extras: Tried) -> dict:
@@ -687,8 +720,7 @@ def keeps_precision(own: Tried, fast: Tried, val_images: int) -> bool:
     `val_images` images (about 2 points on the sample's 500). The check catches a precision that
     breaks training, which costs many points; a fraction of a point is below what 500 images can
     show, and is measured at a larger sample in benchmarks/precision.py."""
-    p = own.val_accuracy
-    return fast.val_accuracy >= p - math.sqrt(max(p * (1 - p), 1e-12) / max(val_images, 1))
+    return fast.val_accuracy >= own.val_accuracy - one_standard_error(own.val_accuracy, val_images)
 
 
 def _finetune_screen_diff(diff: dict) -> dict:
