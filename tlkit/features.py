@@ -361,9 +361,10 @@ class _EntryFiles:
 
     def _check_room(self, first_batch: np.ndarray) -> None:
         """Fail at the first batch, not the last, where the disk cannot hold the whole entry: the
-        first batch's row size times every announced row (every split comes from one extractor). A
-        two-base 45-minute recipe filled the disk 14 minutes into a pass (its 128-px Xception entry
-        was 11 GB) and lost that time; this costs one statvfs."""
+        first batch's row size times every announced row (every split comes from one extractor).
+        Entries are large (a two-base 45-minute recipe's cache reached 27 GB, its 128-px Xception
+        entry 11 GB, and filled the disk): a pass that cannot finish should not run for minutes
+        first. It costs one statvfs."""
         needed = first_batch[0].nbytes * sum(self.rows.values()) if len(first_batch) else 0
         free = shutil.disk_usage(self.folder).free
         if needed > free:
