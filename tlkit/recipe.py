@@ -679,8 +679,9 @@ def rank_by_bases(screened: list[Tried], tuned: dict[str, float], val_images: in
     sample's 500) are tied, and of those the one whose leader costs least on every image goes first
     (`seconds`: base -> its full run and fine-tuning): the time it leaves buys epochs and flips,
     which a difference the sample cannot show does not (the one-standard-error rule, as
-    keeps_precision; in the two-base 45-minute run at 2b6d387 Xception led VGG16 by 0.2 points, 0.7120 to
-    0.7100, and its full run took 826 s where VGG16's took 704). As they were, unless every
+    keeps_precision; in the two-base 45-minute run at 2b6d387 Xception at 128 px led VGG16 at 64 px
+    by 0.2 points, 0.7120 to 0.7100, and its full run took 826 s, VGG16's 429-442 s in that day's
+    other runs, both in mixed_bfloat16). As they were, unless every
     screened base has a fine-tuned accuracy: an order on some bases only would rank a base that
     failed its fine-tuning below one that never tried."""
     if not tuned or any(t.spec["base"] not in tuned for t in screened):
