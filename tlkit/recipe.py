@@ -416,20 +416,12 @@ class Search:
                 tuned[base] = attempt
         accuracies = {base: attempt.val_accuracy for base, attempt in tuned.items()}
         val_images = self.images(next(iter(tuned.values())).spec)["val"] if tuned else 0
-        self.on_every_image = on_every_image = {
+        self.on_every_image = {  # each base's leader: its full run and fine-tuning, estimated
             base: sum(self._total([(_lever_diff(leader), {}), ({**_lever_diff(leader), **self.finetune_lever}, {})]))
-            for base, leader in leaders.items()}  # each base's leader: its full run and fine-tuning
-        ranked = rank_by_bases(screened, accuracies, val_images, on_every_image)
+            for base, leader in leaders.items()}
+        ranked = rank_by_bases(screened, accuracies, val_images, self.on_every_image)
         if ranked is not screened and len(leaders) > 1:
-            first = ranked[0].spec["base"]
-            self.say("recipe: the bases go on in the order their fine-tuned screens reached: "
-                     + ", ".join(f"{base} {accuracy:.4f}" for base, accuracy in
-                                 sorted(accuracies.items(), key=lambda item: -item[1]))
-                     + ("" if accuracies[first] == max(accuracies.values()) else
-                        f"; {first} first: within one standard error of the best "
-                        f"({one_standard_error(max(accuracies.values()), val_images):.4f} on {val_images} images) "
-                        f"and the cheapest on every image (" + ", ".join(
-                            f"{base} about {on_every_image[base]:.0f} s" for base in accuracies) + ")"))
+            self.say(_bases_order(accuracies, ranked[0].spec["base"], val_images, self.on_every_image))
         plain = tuned.get(ranked[0].spec["base"]) if ranked else None
         if plain is not None and self.precision_pays_off(ranked[0]):
             fast = self.screen_again(plain, {"precision": FASTER_PRECISION}, parent_id, tmp)
@@ -688,6 +680,19 @@ def rank_by_bases(screened: list[Tried], tuned: dict[str, float], val_images: in
         return screened
     first = tied_and_cheapest(tuned, val_images, seconds)
     return sorted(screened, key=lambda t: (t.spec["base"] != first, -tuned[t.spec["base"]], -t.val_accuracy))
+
+
+def _bases_order(accuracies: dict[str, float], first: str, val_images: int, seconds: dict[str, float]) -> str:
+    """The line that says in which order the bases go on, and why `first` leads where it is a tie."""
+    line = "recipe: the bases go on in the order their fine-tuned screens reached: " + ", ".join(
+        f"{base} {accuracy:.4f}" for base, accuracy in sorted(accuracies.items(), key=lambda item: -item[1]))
+    best = max(accuracies.values())
+    if accuracies[first] == best:
+        return line
+    costs = ", ".join(f"{base} about {seconds[base]:.0f} s" for base in accuracies)
+    return (f"{line}; {first} first: within one standard error of the best "
+            f"({one_standard_error(best, val_images):.4f} on {val_images} images) and the cheapest on every "
+            f"image ({costs})")
 
 
 def tied_and_cheapest(tuned: dict[str, float], val_images: int, seconds: dict[str, float]) -> str:
